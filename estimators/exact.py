@@ -1,0 +1,41 @@
+"""``exact``: first-order influence with the explicit Hessian.
+
+``I[j, i] = (1/n) g_j^T (H + damping I)^-1 g_i`` with ``H`` the Hessian of the mean training loss
+including weight decay. Solved by Cholesky when ``H + damping I`` is positive definite, else by LU
+(an indefinite Hessian at a saddle is reported in the diagnostics).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from influence_bench import Estimator, EstimatorUnsupported, register
+
+
+@register
+@dataclass
+class Exact(Estimator):
+    name = "exact"
+    tags = frozenset({"hessian"})
+
+    damping: float = 0.0
+    max_params: int = 12_000  # the Hessian is max_params^2 floats (1.2 GB in float64 at 12k)
+
+    def influence(self, ctx):
+        if ctx.n_params > self.max_params:
+            raise EstimatorUnsupported(
+                f"{ctx.n_params} parameters exceed max_params={self.max_params}: the explicit Hessian "
+                f"would hold {ctx.n_params ** 2 * 8 / 2**30:.1f} GiB. Use `cg` or `lissa` (implicit "
+                "Hessian-vector products) instead, or raise max_params.")
+        H = ctx.hessian()
+        if self.damping:
+            H = H + self.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        g_test, g_train = ctx.test_grads(), ctx.train_grads()
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            solved = torch.cholesky_solve(g_test.T, L).T  # H^-1 g_j, [n_test, P]
+            self.diagnostics["solver"] = "cholesky"
+        else:
+            solved = torch.linalg.solve(H, g_test.T).T
+            self.diagnostics["solver"] = "lu (Hessian not positive definite)"
+        return solved @ g_train.T / ctx.n_train

@@ -1,0 +1,126 @@
+"""What an estimator receives: the trained model and everything derived from it, computed once.
+
+One ``Context`` per (setting, device) per process; per-sample gradients and the Hessian are
+computed lazily and shared by every estimator that asks, so estimators never retrain or reload.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import curvature, data as data_mod, training
+from .data import Dataset
+from .models import FlatModel
+from .settings import Setting
+
+
+@dataclass
+class Context:
+    setting: Setting
+    data: Dataset  # the full train / test split of the setting
+    fm: FlatModel  # the model as a function of a flat parameter vector
+    theta: torch.Tensor  # theta*, flat, detached
+    test_idx: np.ndarray  # which test-set points are evaluated (rows of the influence matrix)
+    device: torch.device
+    train_grad_norm: float = float("nan")
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- plain facts -----------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.fm.module
+
+    @property
+    def weight_decay(self) -> float:
+        return self.setting.weight_decay
+
+    @property
+    def n_train(self) -> int:
+        return int(self.data.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_idx)
+
+    @property
+    def n_params(self) -> int:
+        return self.fm.n_params
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self.data.x_train
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.data.y_train
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        """The evaluated test points only (``len(test_idx)`` rows)."""
+        return self._memo("x_test", lambda: self.data.x_test[torch.as_tensor(self.test_idx)])
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self._memo("y_test", lambda: self.data.y_test[torch.as_tensor(self.test_idx)])
+
+    # ---- shared derived quantities -----------------------------------------------------------
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample (unregularised) losses at ``theta``."""
+        return curvature.per_sample_loss(self.fm, theta, x, y)
+
+    def objective(self, theta: torch.Tensor) -> torch.Tensor:
+        """Training objective: mean loss + weight_decay/2 ||theta||^2."""
+        return curvature.objective(self.fm, theta, self.x_train, self.y_train, self.weight_decay)
+
+    def train_grads(self) -> torch.Tensor:
+        """``[n_train, P]`` per-sample loss gradients at theta* (computed once, shared)."""
+        return self._memo("train_grads", lambda: curvature.per_sample_grads(self.fm, self.theta, self.x_train, self.y_train))
+
+    def test_grads(self) -> torch.Tensor:
+        """``[n_test, P]`` loss gradients of the evaluated test points at theta*."""
+        return self._memo("test_grads", lambda: curvature.per_sample_grads(self.fm, self.theta, self.x_test, self.y_test))
+
+    def hessian(self) -> torch.Tensor:
+        """``[P, P]`` Hessian of the training objective (incl. weight decay) at theta* (computed once)."""
+        return self._memo("hessian", lambda: curvature.hessian(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay))
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        return curvature.hvp(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay, v)
+
+    def _memo(self, key: str, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+
+def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> np.ndarray:
+    """The highest-loss and the median-loss test points, then ``n_random`` seeded others."""
+    losses = test_losses.detach().cpu().numpy()
+    order = np.argsort(losses, kind="stable")
+    highest, median = int(order[-1]), int(order[len(order) // 2])
+    chosen = [highest] + ([median] if median != highest else [])
+    rest = np.setdiff1d(np.arange(len(losses)), chosen)
+    rng = np.random.default_rng(seed)
+    extra = rng.choice(rest, size=min(n_random, len(rest)), replace=False)
+    return np.array(chosen + sorted(int(i) for i in extra), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def get_context(setting: Setting, device: str = "cpu") -> Context:
+    """Load data, train (or load) theta*, choose test points. Cached per process."""
+    dev = torch.device(device)
+    dtype = training.DTYPES[setting.train.dtype]
+    ds = data_mod.load(setting.data).to(dev, dtype)
+    trained = training.train(setting, ds, device=device)
+    with torch.no_grad():
+        test_losses = curvature.per_sample_loss(trained.fm, trained.theta, ds.x_test, ds.y_test)
+    idx = select_test_points(test_losses, setting.test_points.n_random, setting.test_points.seed)
+    return Context(setting, ds, trained.fm, trained.theta, idx, dev, trained.grad_norm)

@@ -1,0 +1,58 @@
+"""Leave-one-out retraining, many models at once (``torch.func.vmap`` over removal weights).
+
+``warm`` mode: every model starts at theta*, the removed point's weight is zero, and at most
+``max_steps`` Newton-CG steps are taken (see ``GroundTruthSpec``). A
+control model trained the same way without removal is subtracted, so continued training is not
+mistaken for influence: ``delta[i] = L(z; theta_-i) - L(z; theta_control)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import curvature
+from ..context import Context
+from ..newton import NewtonResult, Preconditioner, newton_cg_batched, newton_cg_sequential
+from .store import Entries
+
+
+def preconditioner(ctx: Context) -> Preconditioner:
+    return ctx._memo(("gt-precond", ctx.setting.ground_truth.damping),
+                     lambda: Preconditioner.from_hessian(ctx.hessian(), ctx.setting.ground_truth.damping))
+
+
+def removal_weights(n: int, removed: np.ndarray, dtype, device) -> torch.Tensor:
+    """Row b is all ones except a zero at ``removed[b]``; ``removed[b] = -1`` means no removal."""
+    w = torch.ones(len(removed), n, dtype=dtype, device=device)
+    rows = np.flatnonzero(removed >= 0)
+    w[torch.as_tensor(rows), torch.as_tensor(removed[rows])] = 0.0
+    return w
+
+
+def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> NewtonResult:
+    """Retrain one model per entry of ``removed`` (``-1`` = control). Chunked over models."""
+    gt = ctx.setting.ground_truth
+    pre = preconditioner(ctx)
+    run = newton_cg_batched if batched else newton_cg_sequential
+    parts = []
+    for s in range(0, len(removed), chunk):
+        w = removal_weights(ctx.n_train, removed[s:s + chunk], ctx.dtype, ctx.device)
+        parts.append(run(ctx.fm, ctx.theta, w, ctx.x_train, ctx.y_train, ctx.weight_decay, pre,
+                         gt.max_steps, gt.grad_tol, damping=gt.damping, cg_iters=gt.cg_iters))
+    return NewtonResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("theta", "grad_norm", "steps", "converged")))
+
+
+def test_losses(ctx: Context, thetas: torch.Tensor) -> torch.Tensor:
+    """``[B, n_test_all]`` losses of every test-set point under each model."""
+    with torch.no_grad():
+        return torch.stack([curvature.per_sample_loss(ctx.fm, t, ctx.data.x_test, ctx.data.y_test) for t in thetas])
+
+
+def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> Entries:
+    """Ground truth for ``removed`` training indices (with the control run)."""
+    removed = np.asarray(removed, dtype=np.int64)
+    res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched)
+    losses = test_losses(ctx, res.theta)
+    delta = (losses[1:] - losses[0]).cpu().numpy()
+    return Entries(removed, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy())

@@ -1,0 +1,120 @@
+"""The pytest plugin: options, the (estimator x setting) parametrisation, the end-of-session
+fidelity table and the results file.
+
+A suite test asks for ``fidelity_case`` (one estimator on one setting) and ``influence_bench``
+(the session object) and calls ``influence_bench.check(fidelity_case)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from . import catalog
+from .data import DataUnavailable
+from .registry import REGISTRY
+from .results import new_run_path, write_run
+from .settings import TIERS, Setting
+from .table import fidelity_table
+from .thresholds import Thresholds, judge
+
+
+@dataclass(frozen=True)
+class FidelityCase:
+    estimator: str
+    setting: Setting
+
+    @property
+    def id(self) -> str:
+        return f"{self.estimator}-{self.setting.id}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("influence-bench")
+    g.addoption("--tier", default="smoke", choices=TIERS, help="settings tier to run (default: smoke)")
+    g.addoption("--estimator", action="append", default=[], metavar="NAME",
+                help="only this estimator (repeatable); default: every registered estimator")
+    g.addoption("--device", default="cpu", help="torch device for training, estimators and ground truth")
+    g.addoption("--results-dir", default=None, metavar="DIR",
+                help="where run files go (default: <rootdir>/results); the run is results/runs/run-*.json")
+    g.addoption("--require-data", action="store_true",
+                help="fail, instead of skip, when a dataset is missing")
+
+
+class BenchSession:
+    """Collects the cases of a pytest session; writes the run file and prints the table at the end."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.cases: list = []
+        self.thresholds = Thresholds.load()
+
+    @property
+    def device(self) -> str:
+        return self.config.getoption("--device")
+
+    def check(self, fc: FidelityCase) -> None:
+        from .runner import evaluate
+
+        try:
+            cases = evaluate(fc.estimator, fc.setting, device=self.device)
+        except DataUnavailable as exc:
+            if self.config.getoption("--require-data"):
+                pytest.fail(f"{fc.id}: {exc}", pytrace=False)
+            pytest.skip(f"{fc.id}: {exc}")
+        self.cases += cases
+        status = cases[0].status
+        if status == "skipped":
+            pytest.skip(cases[0].message)
+        if status == "error":
+            pytest.fail(cases[0].message, pytrace=False)
+        _, failures = judge(cases, self.thresholds)
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_KEY] = BenchSession(config)
+    config.addinivalue_line("markers", "fidelity: a generated (estimator x setting) fidelity case")
+
+
+_KEY = pytest.StashKey[BenchSession]()
+
+
+@pytest.fixture(scope="session")
+def influence_bench(request: pytest.FixtureRequest) -> BenchSession:
+    return request.config.stash[_KEY]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fidelity_case" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    names = cfg.getoption("--estimator") or REGISTRY.names()
+    for n in names:
+        REGISTRY.get(n)  # unknown name: error with suggestions at collection
+    settings = catalog.select(tier=cfg.getoption("--tier"))
+    th = cfg.stash[_KEY].thresholds
+    params = []
+    for n in names:
+        for s in settings:
+            fc = FidelityCase(n, s)
+            reason = th.xfail_reason(n, s.id)
+            marks = [pytest.mark.fidelity] + ([pytest.mark.xfail(reason=reason, strict=False)] if reason else [])
+            params.append(pytest.param(fc, id=fc.id, marks=marks))
+    metafunc.parametrize("fidelity_case", params)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    bench = config.stash.get(_KEY, None)
+    if bench is None or not bench.cases:
+        return
+    verdicts, _ = judge(bench.cases, bench.thresholds)
+    terminalreporter.section("influence-bench fidelity")
+    terminalreporter.write_line(fidelity_table(bench.cases, verdicts))
+    out = config.getoption("--results-dir")
+    results_dir = Path(out) if out else Path(config.rootpath) / "results"
+    path = write_run(new_run_path(results_dir), bench.cases, extra={"tier": config.getoption("--tier")})
+    terminalreporter.write_line(f"results written to {path}")

@@ -1,0 +1,140 @@
+"""A setting: one frozen, versioned experimental spec (data, model, training, ground truth).
+
+Every result records ``Setting.id``, ``Setting.version`` and ``Setting.spec_hash``; results of
+different versions or hashes are never compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+Tier = Literal["smoke", "standard", "paper"]
+TIERS: tuple[str, ...] = ("smoke", "standard", "paper")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset, how much of it, and the seed of the (stratified) subset and split."""
+
+    name: Literal["iris", "mnist"]
+    n_train: int
+    n_test: int
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``logreg`` (multinomial logistic regression) or ``mlp`` (``depth`` hidden layers of ``width``)."""
+
+    family: Literal["logreg", "mlp"]
+    depth: int = 0
+    width: int = 0
+    activation: Literal["tanh"] = "tanh"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Full-batch training of the mean loss + ``weight_decay/2 * ||theta||^2``.
+
+    L-BFGS (strong Wolfe) for at most ``max_steps`` iterations or until ``||grad|| < lbfgs_tol``,
+    then at most ``newton_steps`` Newton steps (exact Hessian at the L-BFGS point) down to
+    ``grad_tol``, so theta* is a stationary point to near machine precision.
+    """
+
+    weight_decay: float
+    optimizer: Literal["lbfgs+newton"] = "lbfgs+newton"
+    max_steps: int = 3000
+    lbfgs_tol: float = 1e-6
+    newton_steps: int = 30
+    grad_tol: float = 1e-10
+    seed: int = 0
+    dtype: Literal["float64", "float32"] = "float64"
+
+
+@dataclass(frozen=True)
+class GroundTruthSpec:
+    """How leave-one-out retraining is done.
+
+    ``warm``: every retrained model starts at theta*, with the removed point's weight set to zero
+    (normalisation stays 1/n), and takes at most ``max_steps`` Newton steps on its own objective
+    (``retrain="newton-cg"``: each step solved by CG with exact HVPs, preconditioned by the Hessian
+    at theta*; ``damping`` > 0 makes them Levenberg-Marquardt steps). A control model trained
+    identically without removal is subtracted. With ``damping = 0`` on a convex model this reaches
+    the exact leave-one-out optimum to ``grad_tol``.
+    """
+
+    mode: Literal["warm"] = "warm"
+    retrain: Literal["newton-cg"] = "newton-cg"
+    max_steps: int = 20
+    grad_tol: float = 1e-11
+    damping: float = 0.0
+    cg_iters: int = 30
+
+
+@dataclass(frozen=True)
+class TestPointSpec:
+    """The paper's highest- and median-loss test points plus ``n_random`` seeded random ones."""
+
+    n_random: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """Which training points are removed: ``loo-fixed`` (all if n <= ``fixed_all_below``, else a
+    seeded random ``fixed_n``) and ``loo-topk`` (the estimator's ``topk`` largest |I| per test point)."""
+
+    fixed_all_below: int = 200
+    fixed_n: int = 100
+    fixed_seed: int = 0
+    topk: int = 40
+
+
+@dataclass(frozen=True)
+class Setting:
+    id: str
+    tier: Tier
+    data: DataSpec
+    model: ModelSpec
+    train: TrainSpec
+    ground_truth: GroundTruthSpec = field(default_factory=GroundTruthSpec)
+    test_points: TestPointSpec = field(default_factory=TestPointSpec)
+    protocol: ProtocolSpec = field(default_factory=ProtocolSpec)
+    version: int = 1
+    description: str = ""
+
+    def spec_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("description")
+        return d
+
+    @property
+    def spec_hash(self) -> str:
+        """Content hash of everything that determines the numbers (not the description)."""
+        blob = json.dumps(self.spec_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.train.weight_decay
+
+
+def format_wd(wd: float) -> str:
+    """``1e-3`` -> ``"1e-3"``, ``0`` -> ``"0"``, ``5e-4`` -> ``"5e-4"``."""
+    if wd == 0:
+        return "0"
+    mant, exp = f"{wd:e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def make_id(dataset: str, model: ModelSpec, weight_decay: float) -> str:
+    if model.family == "logreg":
+        shape = "logreg"
+    else:
+        shape = f"mlp-d{model.depth}-w{model.width}"
+    return f"{dataset}-{shape}-wd{format_wd(weight_decay)}"

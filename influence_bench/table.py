@@ -1,0 +1,50 @@
+"""The fidelity table printed at the end of a pytest session and by ``influence-bench score``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "  n/a" if v is None else format(v, spec)
+
+
+def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
+    """One row per (setting, estimator, protocol): Spearman and Pearson mean [95% CI], min, time.
+
+    ``verdicts`` maps (estimator, setting, protocol) -> "pass"/"FAIL"/"xfail"; shown when given.
+    """
+    rows = defaultdict(dict)
+    info = {}
+    for c in cases:
+        key = (c.setting, c.estimator, c.protocol)
+        rows[key][c.metric] = c
+        info[key] = c
+    if not rows:
+        return "(no fidelity cases)"
+    header = f"{'setting':<26} {'estimator':<14} {'protocol':<10} {'spearman [95% CI]':<24} {'min':>6} " \
+             f"{'pearson [95% CI]':<24} {'n':>3} {'ceil':>5} {'time s':>7}  verdict"
+    lines = [header, "-" * len(header)]
+    last_setting = None
+    for key in sorted(rows):
+        setting, est, proto = key
+        c0 = info[key]
+        if c0.status != "ok":
+            cells = f"{c0.status.upper()}: {c0.message.splitlines()[0][:90]}"
+            lines.append(f"{setting if setting != last_setting else '':<26} {est:<14} {proto:<10} {cells}")
+            last_setting = setting
+            continue
+        s, p = rows[key].get("spearman"), rows[key].get("pearson")
+
+        def cell(c):
+            if c is None or c.value is None:
+                return f"{'n/a':<24}"
+            return f"{c.value:6.3f} [{c.ci_low:6.3f},{c.ci_high:6.3f}]".ljust(24)
+
+        verdict = (verdicts or {}).get(key, "")
+        lines.append(f"{setting if setting != last_setting else '':<26} {est:<14} {proto:<10} {cell(s)} "
+                     f"{_fmt(s.min if s else None, '6.3f'):>6} {cell(p)} {c0.n_test:>3} "
+                     f"{c0.noise_ceiling:5.2f} {_fmt(c0.wall_time_s, '7.2f'):>7}  {verdict}")
+        last_setting = setting
+    return "\n".join(lines)
