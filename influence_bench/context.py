@@ -115,11 +115,17 @@ def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> n
 
 @functools.lru_cache(maxsize=4)
 def get_context(setting: Setting, device: str = "cpu") -> Context:
-    """Load data, train (or load) theta*, choose test points. Cached per process."""
+    """Load the setting's data, train (or load) theta*, choose test points. Cached per process."""
+    return build_context(setting, data_mod.load(setting.data), device)
+
+
+def build_context(setting: Setting, ds: Dataset, device: str = "cpu", use_cache: bool = True) -> Context:
+    """A context for ``setting`` on the given data (``use_cache=False`` for data the setting's
+    hash does not describe, e.g. synthetic data in tests)."""
     dev = torch.device(device)
     dtype = training.DTYPES[setting.train.dtype]
-    ds = data_mod.load(setting.data).to(dev, dtype)
-    trained = training.train(setting, ds, device=device)
+    ds = ds.to(dev, dtype)
+    trained = training.train(setting, ds, device=device, use_cache=use_cache)
     with torch.no_grad():
         test_losses = curvature.per_sample_loss(trained.fm, trained.theta, ds.x_test, ds.y_test)
     idx = select_test_points(test_losses, setting.test_points.n_random, setting.test_points.seed)

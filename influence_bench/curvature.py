@@ -15,8 +15,15 @@ from torch.func import grad, jvp, vmap
 from .models import FlatModel, LogisticRegression
 
 
+def loss_from_outputs(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss: softmax cross-entropy on class labels, or ``0.5 * ||out - y||^2``."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(out, y, reduction="none")
+    return 0.5 * (out - y.reshape(out.shape)).pow(2).sum(-1)
+
+
 def per_sample_loss(fm: FlatModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(fm(theta, x), y, reduction="none")
+    return loss_from_outputs(fm.loss, fm(theta, x), y)
 
 
 def objective(fm: FlatModel, theta, x, y, weight_decay: float, w=None) -> torch.Tensor:
@@ -29,7 +36,7 @@ def per_sample_grads(fm: FlatModel, theta, x, y, chunk_size: int = 1024) -> torc
     """``[n, P]`` gradients of each unregularised per-sample loss (vectorised, chunked)."""
 
     def one(xi, yi):
-        return grad(lambda t: F.cross_entropy(fm(t, xi[None]), yi[None]))(theta)
+        return grad(lambda t: per_sample_loss(fm, t, xi[None], yi[None])[0])(theta)
 
     return torch.cat([vmap(one)(x[i:i + chunk_size], y[i:i + chunk_size])
                       for i in range(0, x.shape[0], chunk_size)])
@@ -43,7 +50,7 @@ def hvp(fm: FlatModel, theta, x, y, weight_decay: float, v: torch.Tensor) -> tor
 
 def hessian(fm: FlatModel, theta, x, y, weight_decay: float, chunk_size: int = 256) -> torch.Tensor:
     """Explicit ``[P, P]`` Hessian of the training objective (incl. weight decay)."""
-    if isinstance(fm.module, LogisticRegression):
+    if isinstance(fm.module, LogisticRegression) and fm.loss == "cross_entropy":
         return _softmax_linear_hessian(fm, theta, x, weight_decay)
     P = theta.numel()
     eye = torch.eye(P, dtype=theta.dtype, device=theta.device)

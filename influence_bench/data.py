@@ -35,8 +35,11 @@ class Dataset:
         return int(self.x_train[0].numel())
 
     def to(self, device, dtype) -> "Dataset":
-        return Dataset(self.x_train.to(device, dtype), self.y_train.to(device),
-                       self.x_test.to(device, dtype), self.y_test.to(device), self.n_classes)
+        def target(y):  # class labels stay integer; regression targets follow the model dtype
+            return y.to(device, dtype) if y.is_floating_point() else y.to(device)
+
+        return Dataset(self.x_train.to(device, dtype), target(self.y_train),
+                       self.x_test.to(device, dtype), target(self.y_test), self.n_classes)
 
 
 def stratified_split(y: np.ndarray, n_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,8 @@ def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.f
     """Build the model with a seeded initialisation (PyTorch's default init, own generator)."""
     if spec.family == "logreg":
         model: nn.Module = LogisticRegression(n_in, n_out)
+    elif spec.family == "linear":
+        model = nn.Linear(n_in, n_out)
     elif spec.family == "mlp":
         if spec.depth < 1 or spec.width < 1:
             raise ValueError(f"mlp needs depth >= 1 and width >= 1, got {spec}")
@@ -41,6 +43,7 @@ def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.f
     else:
         raise ValueError(f"unknown model family {spec.family!r}")
     model = model.to(dtype)
+    model.loss_name = spec.loss  # read by FlatModel: which per-sample loss the model is trained on
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -54,8 +57,11 @@ def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.f
 class FlatModel:
     """A module seen as a function of one flat parameter vector ``theta``."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, loss: str | None = None):
         self.module = module
+        self.loss = loss or getattr(module, "loss_name", "cross_entropy")
+        if self.loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"unknown loss {self.loss!r}; known: cross_entropy, mse")
         self.names = [n for n, _ in module.named_parameters()]
         self.shapes = [p.shape for _, p in module.named_parameters()]
         self.numels = [p.numel() for _, p in module.named_parameters()]

@@ -62,6 +62,7 @@ class Registry:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[modname] = module
+        _LOADING.append(self)  # `@register` in that file fills this registry
         try:
             spec.loader.exec_module(module)
         except RegistryError:
@@ -69,6 +70,8 @@ class Registry:
         except Exception as exc:
             sys.modules.pop(modname, None)
             raise RegistryError(f"could not import estimator file {path}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            _LOADING.pop()
 
     def load_dir(self, directory: Path) -> None:
         for path in sorted(Path(directory).glob("*.py")):
@@ -135,8 +138,10 @@ def estimator_dirs() -> list[Path]:
 
 
 REGISTRY = Registry()
+_LOADING: list[Registry] = []  # registries currently importing a plugin file
 
 
 def register(cls: type[Estimator]) -> type[Estimator]:
-    """Class decorator: ``@register`` adds an estimator to the global registry."""
-    return REGISTRY.add(cls)
+    """Class decorator: ``@register`` adds an estimator to the registry loading the file (the
+    global ``REGISTRY`` when the module is imported normally)."""
+    return (_LOADING[-1] if _LOADING else REGISTRY).add(cls)

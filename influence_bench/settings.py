@@ -28,12 +28,14 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``logreg`` (multinomial logistic regression) or ``mlp`` (``depth`` hidden layers of ``width``)."""
+    """``logreg`` (multinomial logistic regression), ``mlp`` (``depth`` hidden layers of ``width``)
+    or ``linear`` (a linear map; with ``loss="mse"`` that is ridge regression)."""
 
-    family: Literal["logreg", "mlp"]
+    family: Literal["logreg", "mlp", "linear"]
     depth: int = 0
     width: int = 0
     activation: Literal["tanh"] = "tanh"
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def format_wd(wd: float) -> str:
 def make_id(dataset: str, model: ModelSpec, weight_decay: float) -> str:
     if model.family == "logreg":
         shape = "logreg"
+    elif model.family == "linear":
+        shape = "ridge" if model.loss == "mse" else "linear"
     else:
         shape = f"mlp-d{model.depth}-w{model.width}"
     return f"{dataset}-{shape}-wd{format_wd(weight_decay)}"

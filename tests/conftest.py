@@ -1,0 +1,11 @@
+"""Unit tests of the library: small, fast, CPU. Caches go to a per-session temp dir."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("INFLUENCE_BENCH_CACHE", str(tmp_path_factory.mktemp("ib-cache")))
+    yield
+    mp.undo()

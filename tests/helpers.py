@@ -1,0 +1,44 @@
+"""Small synthetic settings for unit tests (never reported as benchmark results)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from influence_bench.context import build_context
+from influence_bench.data import Dataset
+from influence_bench.settings import DataSpec, ModelSpec, Setting, TestPointSpec, TrainSpec
+
+
+def ridge_context(n: int, d: int, weight_decay: float, seed: int = 0, n_test: int = 6):
+    """Ridge regression (linear model, loss 0.5 (f - y)^2) on seeded Gaussian data."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    x = rng.normal(size=(n + n_test, d))
+    y = x @ w + 0.5 + rng.normal(scale=0.3, size=n + n_test)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    ds = Dataset(t(x[:n]), t(y[:n, None]), t(x[n:]), t(y[n:, None]), n_classes=1)
+    setting = Setting(id=f"test-ridge-n{n}-d{d}", tier="smoke", data=DataSpec("iris", n, n_test),
+                      model=ModelSpec("linear", loss="mse"), train=TrainSpec(weight_decay=weight_decay),
+                      test_points=TestPointSpec(n_random=n_test))
+    return build_context(setting, ds, use_cache=False)
+
+
+def ridge_closed_form(ctx):
+    """theta*, Hessian, per-sample gradients and exact leave-one-out test-loss changes, by algebra."""
+    X = torch.cat([ctx.x_train, torch.ones(ctx.n_train, 1, dtype=torch.float64)], 1)
+    Xt = torch.cat([ctx.data.x_test, torch.ones(ctx.data.x_test.shape[0], 1, dtype=torch.float64)], 1)
+    y, yt = ctx.y_train[:, 0], ctx.data.y_test[:, 0]
+    n, p = X.shape
+    H = X.T @ X / n + ctx.weight_decay * torch.eye(p, dtype=torch.float64)
+    theta = torch.linalg.solve(H, X.T @ y / n)
+    g_train = (X @ theta - y)[:, None] * X
+    g_test = (Xt @ theta - yt)[:, None] * Xt
+    influence = g_test @ torch.linalg.solve(H, g_train.T) / n  # [all test, n]
+    loss = lambda th: 0.5 * (Xt @ th - yt) ** 2  # noqa: E731
+    loo = []
+    for i in range(n):
+        Hi = H - torch.outer(X[i], X[i]) / n
+        th_i = torch.linalg.solve(Hi, (X.T @ y - X[i] * y[i]) / n)
+        loo.append(loss(th_i) - loss(theta))
+    return theta, H, influence, torch.stack(loo)  # loo: [n, all test]

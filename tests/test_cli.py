@@ -1,0 +1,41 @@
+import json
+import os
+import subprocess
+import sys
+
+from influence_bench.cli import main
+
+
+def test_list_estimators_and_settings(capsys):
+    assert main(["list", "estimators"]) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "gradient-dot" in out
+    assert main(["list", "settings"]) == 0
+    out = capsys.readouterr().out
+    for sid in ["iris-logreg-wd1e-3", "mnist5k-logreg-wd1e-3"] + [f"iris-mlp-d{d}-w16-wd1e-3" for d in (1, 2, 3, 4, 6, 8)]:
+        assert sid in out
+
+
+def test_score_prints_table_and_writes_results(tmp_path, capsys):
+    rc = main(["score", "exact", "--settings", "iris-logreg-*", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "iris-logreg-wd1e-3" in out and "loo-fixed" in out and "pass" in out
+    runs = list((tmp_path / "runs").glob("run-*.json"))
+    assert len(runs) == 1 and f"results written to {runs[0]}" in out
+    cases = json.loads(runs[0].read_text())["cases"]
+    assert {c["setting"] for c in cases} == {"iris-logreg-wd1e-3"}
+
+
+def test_unknown_names_exit_2_with_suggestions(capsys):
+    assert main(["score", "exakt"]) == 2
+    assert "Did you mean: exact" in capsys.readouterr().err
+    assert main(["score", "exact", "--settings", "iris-logreg-wd1e3"]) == 2
+    assert "Did you mean: iris-logreg-wd1e-3" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "influence-bench")
+    assert os.path.exists(exe), "install the package (pip install -e .) to get the console script"
+    out = subprocess.run([exe, "list", "estimators"], capture_output=True, text=True, check=True).stdout
+    assert "exact" in out

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from influence_bench import catalog
+from influence_bench.context import get_context
+from influence_bench.groundtruth import CorruptGroundTruth, GroundTruthStore, engine, ground_truth
+
+
+@pytest.fixture(scope="module")
+def iris_logreg():
+    return get_context(catalog.get_setting("iris-logreg-wd1e-3"))
+
+
+@pytest.fixture(scope="module")
+def iris_mlp():
+    return get_context(catalog.get_setting("iris-mlp-d1-w16-wd1e-3"))
+
+
+def test_batched_retraining_equals_sequential_loop(iris_mlp):
+    removed = np.array([0, 7, 33, 64, 101, 119])
+    batched = engine.compute(iris_mlp, removed, batched=True)
+    sequential = engine.compute(iris_mlp, removed, batched=False)
+    np.testing.assert_allclose(batched.delta, sequential.delta, atol=1e-6, rtol=0)
+    assert np.abs(batched.delta).max() > 1e-4  # the comparison is not between zeros
+    # chunking over models changes nothing
+    chunked = engine.compute(iris_mlp, removed, chunk=2)
+    np.testing.assert_allclose(chunked.delta, batched.delta, atol=1e-10, rtol=0)
+
+
+def test_convex_ground_truth_equals_independent_scipy_retraining(iris_logreg):
+    """Retrain from scratch with scipy's BFGS on a numpy objective: the exact LOO optimum."""
+    ctx = iris_logreg
+    X = np.c_[ctx.x_train.numpy(), np.ones(ctx.n_train)]
+    Y = np.eye(3)[ctx.y_train.numpy()]
+    Xt = np.c_[ctx.data.x_test.numpy(), np.ones(len(ctx.data.x_test))]
+    yt = ctx.data.y_test.numpy()
+    wd, n = ctx.weight_decay, ctx.n_train
+
+    def fit(w):
+        def f(flat):
+            Wb = flat.reshape(3, 5)
+            z = X @ Wb.T
+            z = z - z.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            val = -(w * (Y * logp).sum(1)).sum() / n + 0.5 * wd * (flat ** 2).sum()
+            g = ((np.exp(logp) - Y) * w[:, None]).T @ X / n + wd * Wb
+            return val, g.ravel()
+
+        res = scipy.optimize.minimize(f, np.zeros(15), jac=True, method="BFGS", options={"gtol": 1e-12, "maxiter": 10_000})
+        return res.x.reshape(3, 5)
+
+    def test_loss(Wb):
+        z = Xt @ Wb.T
+        z = z - z.max(1, keepdims=True)
+        return -(z[np.arange(len(yt)), yt] - np.log(np.exp(z).sum(1)))
+
+    base = test_loss(fit(np.ones(n)))
+    removed = np.array([3, 50, 97])
+    want = []
+    for i in removed:
+        w = np.ones(n)
+        w[i] = 0
+        want.append(test_loss(fit(w)) - base)
+    got = engine.compute(ctx, removed).delta
+    np.testing.assert_allclose(got, np.array(want), atol=1e-8, rtol=1e-5)
+
+
+def test_store_caches_and_computes_only_missing(iris_logreg, tmp_path, monkeypatch):
+    store = GroundTruthStore(tmp_path)
+    calls = []
+    real = engine.compute
+    monkeypatch.setattr(engine, "compute", lambda ctx, rem, **kw: calls.append(list(rem)) or real(ctx, rem, **kw))
+    a = ground_truth(iris_logreg, np.array([5, 1, 9]), store)
+    b = ground_truth(iris_logreg, np.array([9, 2, 5]), store)
+    assert calls == [[1, 5, 9], [2]]
+    np.testing.assert_array_equal(a[[2, 0]], b[[0, 2]])  # same index, same numbers, any order
+    ground_truth(iris_logreg, np.array([1, 2]), store)
+    assert len(calls) == 2
+
+
+def test_corrupted_store_file_is_reported_with_its_path(iris_logreg, tmp_path):
+    store = GroundTruthStore(tmp_path)
+    ground_truth(iris_logreg, np.array([0, 1]), store)
+    path = store.path(iris_logreg.setting, "warm")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(CorruptGroundTruth, match=str(path)):
+        ground_truth(iris_logreg, np.array([0]), store)
+
+
+def test_out_of_range_removal_is_a_clear_error(iris_logreg, tmp_path):
+    with pytest.raises(IndexError, match="iris-logreg-wd1e-3.*removed indices must lie in"):
+        ground_truth(iris_logreg, np.array([0, 500]), GroundTruthStore(tmp_path))
+
+
+def test_warm_ground_truth_is_deterministic(iris_mlp):
+    a = engine.compute(iris_mlp, np.array([4, 8]))
+    b = engine.compute(iris_mlp, np.array([4, 8]))
+    np.testing.assert_array_equal(a.delta, b.delta)
+
