@@ -91,3 +91,22 @@ def top_eigenvalues(H: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Te
     """(largest k, smallest k) eigenvalues of a symmetric matrix."""
     ev = torch.linalg.eigvalsh(H)
     return ev[-k:].flip(0), ev[:k]
+
+
+def output_curvature_factors(fm: FlatModel, theta, x, y) -> torch.Tensor:
+    """``[k, P, C]`` factors F_i with F_i F_i^T = J_i^T Lambda_i J_i, the per-sample Gauss-Newton
+    curvature (J_i: output Jacobian, Lambda_i: Hessian of the loss w.r.t. the outputs).
+
+    Cross-entropy: Lambda = diag(p) - p p^T = L L^T with L = diag(sqrt p) - p sqrt(p)^T.
+    Squared error: Lambda = I.
+    """
+    from torch.func import jacrev
+
+    J = vmap(lambda xi: jacrev(lambda t: fm(t, xi[None])[0])(theta))(x)  # [k, C, P]
+    if fm.loss == "mse":
+        return J.transpose(1, 2)
+    with torch.no_grad():
+        p = torch.softmax(fm(theta, x), dim=1)  # [k, C]
+        sq = p.sqrt()
+        L = torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]
+    return J.transpose(1, 2) @ L

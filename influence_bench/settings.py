@@ -51,7 +51,7 @@ class TrainSpec:
     optimizer: Literal["lbfgs+newton"] = "lbfgs+newton"
     max_steps: int = 3000
     lbfgs_tol: float = 1e-6
-    newton_steps: int = 30
+    newton_steps: int = 20
     grad_tol: float = 1e-10
     seed: int = 0
     dtype: Literal["float64", "float32"] = "float64"

@@ -17,7 +17,7 @@ from filelock import FileLock
 from . import curvature
 from .data import Dataset
 from .models import FlatModel, build_model
-from .newton import Preconditioner, newton_batched
+from .newton import Preconditioner, newton_cg_batched
 from .paths import cache_dir, read_npz, write_json, write_npz
 from .settings import Setting
 
@@ -67,19 +67,18 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting) ->
     spec = setting.train
     theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol)
     if gnorm > spec.grad_tol and spec.newton_steps > 0:
-        # Levenberg-Marquardt polish: the smallest damping whose Newton steps lower the gradient
-        # without raising the objective (deep tanh nets have near-flat directions where plain
-        # Newton overshoots).
+        # Newton-CG polish with a line search; deep tanh nets have near-flat directions where
+        # undamped steps stall, so damping (Levenberg-Marquardt) is raised until it helps.
         H = curvature.hessian(fm, theta, data.x_train, data.y_train, spec.weight_decay)
         ones = torch.ones(1, data.x_train.shape[0], dtype=theta.dtype, device=theta.device)
-        f0 = float(curvature.objective(fm, theta, data.x_train, data.y_train, spec.weight_decay))
-        for damping in (0.0, 1e-6, 1e-5, 1e-4, 1e-3):
-            res = newton_batched(fm, theta, ones, data.x_train, data.y_train, spec.weight_decay,
-                                 Preconditioner.from_hessian(H, damping), spec.newton_steps, spec.grad_tol)
+        for damping in (0.0, 1e-4):
+            res = newton_cg_batched(fm, theta, ones, data.x_train, data.y_train, spec.weight_decay,
+                                    Preconditioner.from_hessian(H, damping), spec.newton_steps,
+                                    spec.grad_tol, damping=damping, cg_iters=10)
             gn = float(res.grad_norm[0])
-            f = float(curvature.objective(fm, res.theta[0], data.x_train, data.y_train, spec.weight_decay))
-            if math.isfinite(gn) and gn < gnorm and f <= f0:
+            if math.isfinite(gn) and gn < gnorm:
                 theta, gnorm, steps = res.theta[0], gn, steps + int(res.steps[0])
+            if gnorm < spec.grad_tol:
                 break
     return theta, gnorm, steps
 

@@ -30,6 +30,17 @@ def removal_weights(n: int, removed: np.ndarray, dtype, device) -> torch.Tensor:
     return w
 
 
+def removal_downdate(ctx: Context, removed: np.ndarray) -> torch.Tensor:
+    """``[B, P, C]`` factors U_b with U_b U_b^T = (removed point's Gauss-Newton curvature) / n
+    (zero for the control row), so each model is preconditioned by its own leave-one-out Hessian."""
+    rows = np.flatnonzero(removed >= 0)
+    idx = torch.as_tensor(removed[rows])
+    F = curvature.output_curvature_factors(ctx.fm, ctx.theta, ctx.x_train[idx], ctx.y_train[idx])
+    U = torch.zeros(len(removed), *F.shape[1:], dtype=F.dtype, device=F.device)
+    U[torch.as_tensor(rows)] = F / ctx.n_train ** 0.5
+    return U
+
+
 def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> NewtonResult:
     """Retrain one model per entry of ``removed`` (``-1`` = control). Chunked over models."""
     gt = ctx.setting.ground_truth
@@ -37,9 +48,13 @@ def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool =
     run = newton_cg_batched if batched else newton_cg_sequential
     parts = []
     for s in range(0, len(removed), chunk):
-        w = removal_weights(ctx.n_train, removed[s:s + chunk], ctx.dtype, ctx.device)
+        rem = removed[s:s + chunk]
+        w = removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device)
+        kw = dict(damping=gt.damping, cg_iters=gt.cg_iters)
+        if batched:
+            kw["downdate"] = removal_downdate(ctx, rem)
         parts.append(run(ctx.fm, ctx.theta, w, ctx.x_train, ctx.y_train, ctx.weight_decay, pre,
-                         gt.max_steps, gt.grad_tol, damping=gt.damping, cg_iters=gt.cg_iters))
+                         gt.max_steps, gt.grad_tol, **kw))
     return NewtonResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("theta", "grad_norm", "steps", "converged")))
 
 
