@@ -118,11 +118,13 @@ class Registry:
 
 
 def builtin_dir() -> Path:
-    """The repository's ``estimators/`` folder (installed as the package ``influence_bench.estimators``)."""
-    spec = importlib.util.find_spec("influence_bench.estimators")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "estimators"
+    """The built-in estimator plug-ins of *this* copy of influence_bench: ``influence_bench/estimators``
+    in an installed wheel, the repository's ``estimators/`` in a checkout (editable install)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "estimators", here.parent / "estimators"):
+        if (d / "__init__.py").is_file():
+            return d
+    return here.parent / "estimators"
 
 
 def estimator_dirs() -> list[Path]:
