@@ -101,3 +101,20 @@ def test_run_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "future.json").write_text('{"schema_version": 99, "cases": []}')
     with pytest.raises(ValueError, match="future.json: schema_version 99 is newer"):
         read_run(tmp_path / "future.json")
+
+
+def test_known_failure_floor_is_xfail_and_other_floors_still_gate(tmp_path):
+    from influence_bench.thresholds import Thresholds, judge
+
+    (tmp_path / "t.toml").write_text(
+        '[[floor]]\nestimator = "exact"\nmetric = "pearson"\nmin = 0.999\nknown_failure = "documented"\n'
+        '[[floor]]\nestimator = "exact"\nmetric = "spearman"\nmin = 0.5\n')
+    th = Thresholds.load(tmp_path / "t.toml")
+    cases = evaluate("exact", IRIS, store=GroundTruthStore(tmp_path))
+    known = []
+    verdicts, failures = judge(cases, th, known)
+    assert failures == [] and len(known) == 2 and "known failure: documented" in known[0]
+    assert set(verdicts.values()) == {"xfail"}
+    (tmp_path / "t.toml").write_text((tmp_path / "t.toml").read_text().replace("min = 0.5", "min = 1.01"))
+    verdicts, failures = judge(cases, Thresholds.load(tmp_path / "t.toml"), [])
+    assert len(failures) == 2 and set(verdicts.values()) == {"FAIL"}
