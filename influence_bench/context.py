@@ -95,6 +95,26 @@ class Context:
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         return curvature.hvp(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay, v)
 
+    def curvature_operator(self, kind: str = "hessian", chunk_size: int | None = None) -> curvature.CurvatureOperator:
+        """A callable ``V [k, P] -> [k, P]`` of batched ``H v`` (``kind="hessian"``) or Gauss-Newton ``G v``
+        (``"ggn"``) products at theta*, reusing one autograd graph over calls (iterative solvers)."""
+        return curvature.CurvatureOperator(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay,
+                                           kind, chunk_size)
+
+    def ggn(self) -> torch.Tensor:
+        """``[P, P]`` Gauss-Newton matrix of the training objective (incl. weight decay), computed once;
+        for a model linear in theta (logistic regression, ridge) it is the Hessian (shared with ``hessian()``)."""
+        if self.setting.model.family in ("logreg", "linear"):
+            return self.hessian()
+        return self._memo("ggn", lambda: curvature.ggn(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay))
+
+    def checkpoints(self) -> list[tuple[torch.Tensor, float]]:
+        """Training checkpoints ``[(theta_k, lr_k), ...]``, oldest first, theta* last: evenly spaced
+        L-BFGS iterates with their gradient-descent-equivalent learning-rate weights (definition in
+        ``training.Checkpoints``), from the model cache (replayed once if the entry predates them)."""
+        return self._memo("checkpoints", lambda: training.checkpoints(
+            self.setting, self.data, self.fm, self.theta).as_list(self.theta))
+
     def _memo(self, key: str, make):
         if key not in self._cache:
             self._cache[key] = make()

@@ -1,6 +1,9 @@
 """Deterministic full-batch training to (near) convergence, cached on disk by the setting's hash.
 
 The cache holds the flat theta* as ``.npz`` (no pickle) plus a JSON record of how it was reached.
+Next to ``theta`` the same ``.npz`` holds a few training checkpoints for trajectory-based
+estimators (TracIn, TRAK): see ``Checkpoints``. Cache entries written before checkpoints existed
+still load; their checkpoints are recovered on first use by replaying the (deterministic) fit.
 """
 
 from __future__ import annotations
@@ -25,6 +28,129 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
+class Checkpoints:
+    """Evenly spaced iterates of the L-BFGS run, each with its learning-rate weight.
+
+    L-BFGS has no learning rate, so each iteration ``theta_{s+1} = theta_s + delta_s`` gets its
+    **gradient-descent-equivalent step size** ``eta_s = -<delta_s, g_s> / ||g_s||^2`` (``g_s`` the
+    gradient of the training objective at ``theta_s``): the learning rate for which a plain
+    gradient step ``-eta_s g_s`` decreases the objective by the same first-order amount. A
+    checkpoint stands for the iterations since the previous one (as TracInCP's end-of-epoch
+    checkpoints stand for their epoch): its weight ``lr`` is the sum of ``eta_s`` over those
+    iterations. At most ``max_keep`` iterates are kept, at multiples of a stride that doubles
+    whenever the buffer fills (``max_keep/2`` to ``max_keep`` of them, whatever the run length).
+    The final checkpoint is theta* itself; its weight covers the L-BFGS iterations after the last
+    kept iterate plus the Newton polish, counted as one step from the L-BFGS end point to theta*.
+    """
+
+    thetas: torch.Tensor  # [K, P] kept L-BFGS iterates (theta* not included)
+    steps: np.ndarray  # [K] their L-BFGS iteration numbers (0 = initialisation, never kept)
+    lrs: np.ndarray  # [K] learning-rate weight of each kept iterate
+    final_lr: float  # learning-rate weight of theta*
+    n_lbfgs: int  # L-BFGS iterations in the run
+    replay_diff: float | None = None  # for replayed entries: max |theta*_replay - theta*_cache|
+
+    def as_list(self, theta_star: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        out = [(t, float(lr)) for t, lr in zip(self.thetas, self.lrs)]
+        return out + [(theta_star, float(self.final_lr))]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"ckpt_theta": self.thetas.detach().cpu().numpy(), "ckpt_step": np.asarray(self.steps, np.int64),
+                "ckpt_lr": np.asarray(self.lrs, np.float64), "ckpt_final_lr": np.float64(self.final_lr),
+                "ckpt_n_lbfgs": np.int64(self.n_lbfgs)}
+
+    @classmethod
+    def from_arrays(cls, z: dict[str, np.ndarray], device, dtype) -> "Checkpoints":
+        return cls(torch.as_tensor(z["ckpt_theta"]).to(device, dtype), z["ckpt_step"], z["ckpt_lr"],
+                   float(z["ckpt_final_lr"]), int(z["ckpt_n_lbfgs"]))
+
+
+class TrajectoryRecorder:
+    """Keeps evenly spaced iterates of an optimiser run (at most ``max_keep``) and the running
+    sum of the per-iteration step sizes ``eta_s`` (see ``Checkpoints``)."""
+
+    def __init__(self, max_keep: int = 10):
+        if max_keep < 2:
+            raise ValueError("max_keep must be >= 2")
+        self.max_keep = max_keep
+        self.stride = 1
+        self.kept: list[tuple[int, torch.Tensor]] = []
+        self.cum_lr = [0.0]  # cum_lr[s] = sum of eta over iterations 0 .. s-1
+        self.theta_end: torch.Tensor | None = None  # last L-BFGS iterate (set by ``fit``)
+
+    def step(self, before: torch.Tensor, after: torch.Tensor, grad: torch.Tensor) -> None:
+        gg = float(grad.dot(grad))
+        eta = -float((after - before).dot(grad)) / gg if gg > 0 else 0.0
+        self.cum_lr.append(self.cum_lr[-1] + eta)
+        s = len(self.cum_lr) - 1
+        if s % self.stride == 0:
+            self.kept.append((s, after.detach().clone()))
+        if len(self.kept) > self.max_keep:
+            self.stride *= 2
+            self.kept = [(k, t) for k, t in self.kept if k % self.stride == 0]
+
+    def finish(self, theta_end: torch.Tensor, theta_star: torch.Tensor, grad_end: torch.Tensor) -> Checkpoints:
+        """Close the record: ``theta_end`` is the last L-BFGS iterate, ``theta_star`` the polished optimum."""
+        gg = float(grad_end.dot(grad_end))
+        polish = -float((theta_star - theta_end).dot(grad_end)) / gg if gg > 0 else 0.0
+        steps = np.array([k for k, _ in self.kept], dtype=np.int64)
+        cum = np.asarray(self.cum_lr)
+        bounds = np.concatenate([[0], steps])
+        lrs = cum[bounds[1:]] - cum[bounds[:-1]]
+        final = float(cum[-1] - cum[bounds[-1]]) + polish
+        P = theta_star.numel()
+        thetas = (torch.stack([t for _, t in self.kept]) if self.kept
+                  else theta_star.new_zeros(0, P))
+        return Checkpoints(thetas, steps, lrs, final, len(self.cum_lr) - 1)
+
+
+class _RecordingLBFGS(torch.optim.LBFGS):
+    """``torch.optim.LBFGS`` that reports every accepted iterate to a ``TrajectoryRecorder``.
+
+    It only reads: the trajectory is bit-for-bit that of the plain optimiser. An accepted step is
+    the ``_add_grad`` call made outside the line search's trial evaluations. The gradient at each
+    iterate is the one the optimiser itself computed (at the start of ``step`` or at the accepted
+    trial point of the line search), so recording costs no extra evaluations.
+    """
+
+    def __init__(self, params, recorder: TrajectoryRecorder, grad_fn, **kw):
+        super().__init__(params, **kw)
+        self._recorder = recorder
+        self._grad_fn = grad_fn  # fallback when a gradient was not seen
+        self._in_trial = False
+        self._trials: list[tuple[float, torch.Tensor]] = []
+        self._g_current: torch.Tensor | None = None
+
+    def _gather_flat_grad(self):
+        g = super()._gather_flat_grad()
+        if self._in_trial:
+            self._trials[-1] = (self._trials[-1][0], g.detach().clone())
+        else:  # start of ``step``: the gradient at the current iterate
+            self._g_current = g.detach().clone()
+        return g
+
+    def _directional_evaluate(self, closure, x, t, d):
+        self._trials.append((float(t), None))
+        self._in_trial = True
+        try:
+            return super()._directional_evaluate(closure, x, t, d)
+        finally:
+            self._in_trial = False
+
+    def _add_grad(self, step_size, update) -> None:
+        if self._in_trial:
+            return super()._add_grad(step_size, update)
+        before = self._params[0].detach().clone()
+        g = self._g_current if self._g_current is not None else self._grad_fn(before)
+        super()._add_grad(step_size, update)
+        t = float(step_size)
+        seen = [gt for tt, gt in self._trials if tt == t and gt is not None]
+        self._g_current = g if t == 0.0 else (seen[-1] if seen else None)
+        self._trials = []
+        self._recorder.step(before, self._params[0].detach(), g)
+
+
+@dataclass
 class Trained:
     fm: FlatModel
     theta: torch.Tensor  # theta*, detached
@@ -37,13 +163,28 @@ def model_cache_path(setting: Setting) -> Path:
     return cache_dir() / "models" / f"{setting.id}-{setting.spec_hash}.npz"
 
 
+def _objective_grad(fm: FlatModel, data: Dataset, weight_decay: float):
+    def g(t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            t = t.detach().requires_grad_(True)
+            return torch.autograd.grad(curvature.objective(fm, t, data.x_train, data.y_train, weight_decay), t)[0]
+    return g
+
+
 def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay: float,
-                max_steps: int, grad_tol: float) -> tuple[torch.Tensor, float, int]:
-    """Full-batch L-BFGS (strong Wolfe) on the training objective until ||grad|| < grad_tol."""
+                max_steps: int, grad_tol: float, recorder: TrajectoryRecorder | None = None
+                ) -> tuple[torch.Tensor, float, int]:
+    """Full-batch L-BFGS (strong Wolfe) on the training objective until ||grad|| < grad_tol.
+
+    With a ``recorder``, every accepted iterate is reported to it (same trajectory).
+    """
     theta = theta0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_steps, history_size=50,
-                            tolerance_grad=grad_tol, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
+    kw = dict(lr=1.0, max_iter=max_steps, history_size=50, tolerance_grad=grad_tol, tolerance_change=0.0,
+              line_search_fn="strong_wolfe")
+    if recorder is None:
+        opt = torch.optim.LBFGS([theta], **kw)
+    else:
+        opt = _RecordingLBFGS([theta], recorder, _objective_grad(fm, data, weight_decay), **kw)
 
     def closure():
         opt.zero_grad()
@@ -62,10 +203,16 @@ def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay
     return theta.detach(), gnorm, int(steps)
 
 
-def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting) -> tuple[torch.Tensor, float, int]:
-    """L-BFGS to ``lbfgs_tol``, then Newton polish to ``grad_tol``; returns (theta*, ||grad||, steps)."""
+def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
+        recorder: TrajectoryRecorder | None = None) -> tuple[torch.Tensor, float, int]:
+    """L-BFGS to ``lbfgs_tol``, then Newton polish to ``grad_tol``; returns (theta*, ||grad||, steps).
+
+    A ``recorder`` sees every L-BFGS iterate (the result is the same with or without one).
+    """
     spec = setting.train
-    theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol)
+    theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol, recorder)
+    if recorder is not None:
+        recorder.theta_end = theta.clone()
     if gnorm > spec.grad_tol and spec.newton_steps > 0:
         # Newton-CG polish with a line search; deep tanh nets have near-flat directions where
         # undamped steps stall, so damping (Levenberg-Marquardt) is raised until it helps.
@@ -99,11 +246,14 @@ def train(setting: Setting, data: Dataset, device: str = "cpu", use_cache: bool 
             got = _load(path, fm, device, dtype)
             if got is not None:
                 return got
-        theta, gnorm, steps = fit(fm, fm.flat().to(device), data, setting)
+        rec = TrajectoryRecorder()
+        theta, gnorm, steps = fit(fm, fm.flat().to(device), data, setting, rec)
+        ckpt = _finish(rec, fm, data, setting, theta)
         if use_cache:
-            write_npz(path, theta=theta.cpu().numpy())
+            write_npz(path, theta=theta.cpu().numpy(), **ckpt.to_arrays())
             write_json(path.with_suffix(".json"), {"setting": setting.id, "spec_hash": setting.spec_hash,
-                                                   "grad_norm": gnorm, "steps": steps})
+                                                   "grad_norm": gnorm, "steps": steps,
+                                                   "checkpoints": _ckpt_meta(ckpt)})
     return Trained(fm, theta, gnorm, steps, from_cache=False)
 
 
@@ -116,3 +266,58 @@ def _load(path: Path, fm: FlatModel, device, dtype) -> Trained | None:
     if theta.numel() != fm.n_params or not torch.isfinite(theta).all():
         return None
     return Trained(fm, theta, float(meta["grad_norm"]), int(meta["steps"]), from_cache=True)
+
+
+def _finish(rec: TrajectoryRecorder, fm: FlatModel, data: Dataset, setting: Setting,
+            theta_star: torch.Tensor) -> Checkpoints:
+    end = rec.theta_end if rec.theta_end is not None else theta_star
+    return rec.finish(end, theta_star, _objective_grad(fm, data, setting.weight_decay)(end))
+
+
+def _ckpt_meta(ckpt: Checkpoints) -> dict:
+    return {"steps": [int(s) for s in ckpt.steps], "lrs": [float(v) for v in ckpt.lrs],
+            "final_lr": ckpt.final_lr, "n_lbfgs": ckpt.n_lbfgs}
+
+
+def checkpoints(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Tensor,
+                use_cache: bool = True) -> Checkpoints:
+    """The training checkpoints of ``setting`` (see ``Checkpoints``), from the model cache.
+
+    A cache entry without them (written before checkpoints existed), or one holding another theta*,
+    or none, is recovered by replaying the deterministic fit from the same initialisation; the
+    given theta* stays the final checkpoint (``replay_diff`` says how far the replay's own end
+    point is from it) and, if the entry holds this theta*, the checkpoints are added to it.
+    """
+    path = model_cache_path(setting)
+    device, dtype = theta.device, theta.dtype
+    theta_np = theta.detach().cpu().numpy()
+
+    def same_model(z: dict) -> bool:  # the entry is this theta* (not, e.g., one trained on other data)
+        return "theta" in z and np.array_equal(z["theta"], theta_np)
+
+    if use_cache and path.is_file():
+        try:
+            z = read_npz(path)
+            if "ckpt_theta" in z and same_model(z):
+                return Checkpoints.from_arrays(z, device, dtype)
+        except (OSError, ValueError, KeyError):
+            pass
+    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype).to(device)
+    replay_fm = FlatModel(module)
+    rec = TrajectoryRecorder()
+    theta_replay, _, _ = fit(replay_fm, replay_fm.flat().to(device), data, setting, rec)
+    ckpt = _finish(rec, replay_fm, data, setting, theta)  # the cached theta* is the final checkpoint
+    ckpt.replay_diff = float((theta_replay - theta).abs().max())
+    if use_cache and path.is_file():
+        with FileLock(str(path) + ".lock"):
+            try:
+                z = read_npz(path)
+                if "ckpt_theta" not in z and same_model(z):
+                    write_npz(path, **{k: v for k, v in z.items()}, **ckpt.to_arrays())
+                    meta_path = path.with_suffix(".json")
+                    meta = json.loads(meta_path.read_text())
+                    meta["checkpoints"] = {**_ckpt_meta(ckpt), "replay_diff": ckpt.replay_diff}
+                    write_json(meta_path, meta)
+            except (OSError, ValueError, KeyError):
+                pass
+    return ckpt
