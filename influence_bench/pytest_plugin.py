@@ -91,13 +91,20 @@ def influence_bench(request: pytest.FixtureRequest) -> BenchSession:
     return request.config.stash[_KEY]
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "fidelity_case" not in metafunc.fixturenames:
-        return
-    cfg = metafunc.config
+def _selected_estimators(cfg: pytest.Config) -> list[str]:
     names = cfg.getoption("--estimator") or REGISTRY.names()
     for n in names:
         REGISTRY.get(n)  # unknown name: error with suggestions at collection
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    cfg = metafunc.config
+    if "estimator_name" in metafunc.fixturenames:  # e.g. the benchmarks: one test per selected estimator
+        metafunc.parametrize("estimator_name", _selected_estimators(cfg))
+    if "fidelity_case" not in metafunc.fixturenames:
+        return
+    names = _selected_estimators(cfg)
     settings = catalog.select(tier=cfg.getoption("--tier"))
     th = cfg.stash[_KEY].thresholds
     params = []

@@ -3,7 +3,6 @@ truth for each protocol, and turn the comparison into result cases."""
 
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 
 from . import metrics
 from .context import Context, get_context
+from .measure import Measurement, measure
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth
 from .registry import REGISTRY
@@ -44,7 +44,9 @@ class Case:
     test_idx: list = field(default_factory=list)
     noise_ceiling: float = 1.0
     wall_time_s: float | None = None
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # peak during the estimator (RSS on CPU, allocated on CUDA)
+    extra_memory_mb: float | None = None  # that peak minus the memory in use when it started
+    device: str = "cpu"
     hyperparameters: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     message: str = ""
@@ -89,31 +91,17 @@ def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTru
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
 
 
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except Exception:  # pragma: no cover - non-POSIX
-        return None
-
-
-def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, float]:
-    """Call the estimator, validate its output; returns (influence [n_test, n_train], seconds)."""
+def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:
+    """Call the estimator, validate its output; returns (influence [n_test, n_train], time and memory)."""
     where = f"estimator {est.name!r} on setting {ctx.setting.id!r}"
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    t0 = time.perf_counter()
-    try:
-        out = est.influence(ctx)
-    except (EstimatorUnsupported, EstimatorError):
-        raise
-    except Exception as exc:
-        raise EstimatorError(f"{where} raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    seconds = time.perf_counter() - t0
-    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), seconds
+    with measure(ctx.device) as m:
+        try:
+            out = est.influence(ctx)
+        except (EstimatorUnsupported, EstimatorError):
+            raise
+        except Exception as exc:
+            raise EstimatorError(f"{where} raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
+    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), m
 
 
 def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
@@ -126,7 +114,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
                 hyperparameters=_jsonable(est.hyperparameters()))
     ctx = get_context(setting, device)
     try:
-        influence, seconds = run_estimator(est, ctx)
+        influence, m = run_estimator(est, ctx)
     except EstimatorUnsupported as exc:
         return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
                 for p in protocols for m in metrics.METRICS]
@@ -141,7 +129,8 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
-                              wall_time_s=seconds, peak_memory_mb=_peak_rss_mb(),
+                              wall_time_s=m.seconds, peak_memory_mb=m.peak_memory_mb,
+                              extra_memory_mb=m.extra_memory_mb, device=str(ctx.device),
                               diagnostics=_jsonable(dict(est.diagnostics)), **base))
     return cases
 
