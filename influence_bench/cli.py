@@ -84,12 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
     sc.set_defaults(func=_score)
+
+    from . import cli_groundtruth
+
+    cli_groundtruth.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command != "ground-truth":
+        return args.func(args)
+    from .catalog import UnknownSetting
+    from .groundtruth.ray_executor import RayUnavailable
+
+    try:
+        return args.func(args)
+    except (UnknownSetting, ValueError, RayUnavailable) as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,7 +81,8 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
             if chunks and executor == "ray":
                 from . import ray_executor
 
-                ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, workers, ray_address, on_chunk)
+                ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, key.digest, workers, ray_address,
+                                 ctx.device.type, on_chunk)
             elif chunks:
                 for part in chunks:
                     store.save_chunk(key, compute(ctx, kind, part, lds_spec), engine.CEILING_METHOD)
