@@ -82,6 +82,16 @@ def test_corrupt_shard_is_reported_moved_aside_and_recomputed(ctx, tmp_path, cou
     assert not any(store.dir(key).glob("*.tmp"))
 
 
+def test_temp_file_of_a_killed_writer_is_cleaned_up(ctx, tmp_path):
+    store = GroundTruthStore(tmp_path)
+    key = store_key(ctx)
+    store.dir(key).mkdir(parents=True)
+    orphan = store.dir(key) / ".shard-00000000000000000001-00000000-deadbeef.npz.abc.tmp"
+    orphan.write_bytes(b"half a shard")
+    build(ctx, "loo", np.arange(4), store, chunk=2)
+    assert not orphan.exists() and len(store.shards(key)) == 1
+
+
 def test_shard_of_another_key_is_not_used(ctx, tmp_path, counting):
     store = GroundTruthStore(tmp_path)
     build(ctx, "loo", np.arange(2), store)

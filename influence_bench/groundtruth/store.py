@@ -186,6 +186,8 @@ class GroundTruthStore:
     def compact(self, key: StoreKey) -> None:
         """Merge all shards into one (new shard first, then the old ones go: a crash keeps both)."""
         with self.write_lock(key):
+            for orphan in self.dir(key).glob(".shard-*.tmp"):  # writes happen under this lock: a
+                orphan.unlink(missing_ok=True)  # temp file seen now is left by a killed writer
             old = self.shards(key)
             if len(old) <= 1:
                 return
