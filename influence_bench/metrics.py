@@ -27,12 +27,19 @@ def rankdata(a: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _unit_scale(a: np.ndarray) -> np.ndarray:
+    """Rows divided by their largest |value| (zero rows stay zero): squares of tiny values such as
+    1e-264 would underflow to 0 and make a well-defined correlation NaN."""
+    m = np.abs(a).max(-1, keepdims=True)
+    return a / np.where(m > 0, m, 1.0)
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Row-wise Pearson correlation of ``[..., m]`` arrays; NaN where a row is constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    xc = x - x.mean(-1, keepdims=True)
-    yc = y - y.mean(-1, keepdims=True)
+    xc = _unit_scale(x - x.mean(-1, keepdims=True))
+    yc = _unit_scale(y - y.mean(-1, keepdims=True))
     den = np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (xc * yc).sum(-1) / den
