@@ -47,3 +47,11 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
     assert "give --estimator NAME" in capsys.readouterr().err
     assert main(["ground-truth", "verify", SID, *root]) == 2
     assert "no loo ground truth stored" in capsys.readouterr().err
+
+
+def test_score_with_the_lds_protocol(tmp_path, capsys):
+    rc = main(["score", "exact", "--settings", SID, "--protocol", "lds", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    row = next(line for line in out.splitlines() if line.startswith(SID))
+    assert " lds " in row and "loo-fixed" not in out and "1.00" in row  # noise ceiling column
