@@ -35,7 +35,7 @@ def _list(args) -> int:
 def _score(args) -> int:
     from .data import DataUnavailable
     from .results import new_run_path, write_run
-    from .runner import evaluate
+    from .runner import PROTOCOLS, evaluate
     from .table import fidelity_table
     from .thresholds import Thresholds, judge
 
@@ -52,7 +52,7 @@ def _score(args) -> int:
     for s in settings:
         print(f"scoring {args.estimator} on {s.id} ...", file=sys.stderr, flush=True)
         try:
-            cases += evaluate(args.estimator, s, device=args.device)
+            cases += evaluate(args.estimator, s, device=args.device, protocols=tuple(args.protocol or PROTOCOLS))
         except DataUnavailable as exc:
             skipped.append(f"{s.id}: {exc}")
     verdicts, failures = judge(cases, Thresholds.load())
@@ -82,14 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="setting ids or globs (repeatable); default: all of the tier")
     sc.add_argument("--tier", choices=TIERS, default="smoke")
     sc.add_argument("--device", default="cpu")
+    sc.add_argument("--protocol", action="append", default=None, choices=["loo-fixed", "loo-topk", "lds"],
+                    help="protocol (repeatable); default: loo-fixed and loo-topk")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
     sc.set_defaults(func=_score)
+
+    from . import cli_groundtruth
+
+    cli_groundtruth.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command != "ground-truth":
+        return args.func(args)
+    from .catalog import UnknownSetting
+    from .groundtruth.ray_executor import RayUnavailable
+
+    try:
+        return args.func(args)
+    except (UnknownSetting, ValueError, RayUnavailable) as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

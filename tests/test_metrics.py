@@ -66,3 +66,24 @@ def test_bootstrap_ci_covers_the_truth_about_95_percent_of_the_time():
         agg = metrics.aggregate(sample, n_boot=1000, seed=t)
         hits += agg.ci_low <= 0.5 <= agg.ci_high
     assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_split_half_ceiling_matches_hand_computation():
+    from influence_bench.metrics import noise_ceiling, spearman_brown, split_half_ceiling
+
+    # two replicates, one test point: ranks [1,2,3,4] vs [1,3,2,4], sum d^2 = 2,
+    # rho = 1 - 6*2 / (4*15) = 0.8; Spearman-Brown: 2*0.8 / 1.8 = 0.8889
+    rep = np.array([[[1.0, 2.0, 3.0, 4.0]], [[10.0, 30.0, 20.0, 40.0]]])
+    np.testing.assert_allclose(split_half_ceiling(rep), [16 / 18])
+    # four replicates: halves are the means of replicates (0, 2) and (1, 3)
+    rep4 = np.array([[[1.0, 2.0, 3.0, 4.0]], [[1.0, 2.0, 3.0, 4.0]],
+                     [[1.0, 2.0, 3.0, 4.0]], [[1.0, 5.0, 3.0, 4.0]]])
+    # half A = [1,2,3,4]; half B = [1,3.5,3,4] -> ranks [1,3,2,4]: rho 0.8 again
+    np.testing.assert_allclose(split_half_ceiling(rep4), [16 / 18])
+    # identical replicates: ceiling 1; anti-correlated halves: no reliable signal, ceiling 0
+    assert noise_ceiling(np.stack([rep[0], rep[0]])) == pytest.approx(1.0)
+    assert noise_ceiling(np.stack([rep[0], -rep[0]])) == 0.0
+    assert np.isnan(split_half_ceiling(np.zeros((2, 1, 4))))[0]
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="R >= 2"):
+        split_half_ceiling(rep[:1])

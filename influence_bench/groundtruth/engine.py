@@ -16,6 +16,13 @@ from ..context import Context
 from ..newton import NewtonResult, Preconditioner, newton_cg_batched, newton_cg_sequential
 from .store import Entries
 
+# Bump whenever a change to the retraining can change stored numbers: it is part of the store key.
+ENGINE_VERSION = "warm-newton-cg/2"
+# Warm-start Newton-CG is deterministic (no data order, no sampling): replicates are identical, so
+# the noise ceiling is 1 by declaration (a test checks two builds are bit-identical).
+NOISE_CEILING = 1.0
+CEILING_METHOD = "deterministic"
+
 
 def preconditioner(ctx: Context) -> Preconditioner:
     return ctx._memo(("gt-precond", ctx.setting.ground_truth.damping),
@@ -44,17 +51,29 @@ def removal_downdate(ctx: Context, removed: np.ndarray) -> torch.Tensor:
 def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> NewtonResult:
     """Retrain one model per entry of ``removed`` (``-1`` = control). Chunked over models."""
     gt = ctx.setting.ground_truth
-    pre = preconditioner(ctx)
-    run = newton_cg_batched if batched else newton_cg_sequential
     parts = []
     for s in range(0, len(removed), chunk):
         rem = removed[s:s + chunk]
         w = removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device)
-        kw = dict(damping=gt.damping, cg_iters=gt.cg_iters)
-        if batched:
-            kw["downdate"] = removal_downdate(ctx, rem)
-        parts.append(run(ctx.fm, ctx.theta, w, ctx.x_train, ctx.y_train, ctx.weight_decay, pre,
-                         gt.max_steps, gt.grad_tol, **kw))
+        parts.append(retrain_weights(ctx, w, gt.max_steps, removal_downdate(ctx, rem) if batched else None,
+                                     batched=batched))
+    return _cat(parts)
+
+
+def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdate: torch.Tensor | None = None,
+                    batched: bool = True) -> NewtonResult:
+    """Warm-start Newton-CG from theta* on each row of ``weights`` ([B, n], 0 = removed), with the
+    setting's damping / CG budget, preconditioned by H* (per-model Woodbury if ``downdate``)."""
+    gt = ctx.setting.ground_truth
+    run = newton_cg_batched if batched else newton_cg_sequential
+    kw = dict(damping=gt.damping, cg_iters=gt.cg_iters)
+    if batched and downdate is not None:
+        kw["downdate"] = downdate
+    return run(ctx.fm, ctx.theta, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, preconditioner(ctx),
+               max_steps, gt.grad_tol, **kw)
+
+
+def _cat(parts: list[NewtonResult]) -> NewtonResult:
     return NewtonResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("theta", "grad_norm", "steps", "converged")))
 
 

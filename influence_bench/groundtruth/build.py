@@ -1,0 +1,108 @@
+"""Building ground truth into the store: only what is missing, one shard per chunk of models.
+
+``build(ctx, kind, ids)`` holds the key's build lock (a second process waits, then finds the work
+done), computes the missing ids in chunks and saves each chunk as soon as it is done, so a build
+killed at any moment and restarted recomputes nothing already stored. ``executor="ray"`` hands
+the chunks to Ray tasks (``ray_executor``) that write their own shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable
+
+import numpy as np
+
+from ..context import Context
+from . import engine, lds
+from .store import Entries, GroundTruthStore, StoreKey
+
+KINDS = ("loo", "lds")
+ChunkHook = Callable[[np.ndarray], None]  # called with the ids of every chunk once it is saved
+
+
+def data_fingerprint(ctx: Context) -> str:
+    """sha256 of the train and test arrays (dtype, shape and bytes)."""
+    def make() -> str:
+        h = hashlib.sha256()
+        for t in (ctx.data.x_train, ctx.data.y_train, ctx.data.x_test, ctx.data.y_test):
+            a = np.ascontiguousarray(t.detach().cpu().numpy())
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    return ctx._memo("gt-data-fingerprint", make)
+
+
+def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT) -> StoreKey:
+    if kind not in KINDS:
+        raise ValueError(f"unknown ground-truth kind {kind!r}; known: {', '.join(KINDS)}")
+    s = ctx.setting
+    config = dataclasses.asdict(s.ground_truth)
+    if kind == "lds":
+        config["lds"] = lds_spec.config()
+    payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
+               "data": data_fingerprint(ctx), "engine": engine.ENGINE_VERSION}
+    return StoreKey(s.id, s.ground_truth.mode, kind, payload, int(ctx.data.x_test.shape[0]))
+
+
+def compute(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT) -> Entries:
+    """Retrain the models of ``ids`` now (no store)."""
+    if kind == "loo":
+        return engine.compute(ctx, ids)
+    return lds.compute(ctx, ids, lds_spec)
+
+
+def valid_ids(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    hi = ctx.n_train if kind == "loo" else lds_spec.n_subsets
+    what = "removed indices" if kind == "loo" else "LDS subset numbers"
+    if ids.size and (ids.min() < 0 or ids.max() >= hi):
+        raise IndexError(f"setting {ctx.setting.id!r}: {what} must lie in [0, {hi})")
+    return ids
+
+
+def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | None = None, chunk: int = 32,
+          lds_spec: lds.LdsSpec = lds.DEFAULT, executor: str = "local", workers: int = 2,
+          ray_address: str | None = None, on_chunk: ChunkHook | None = None) -> Entries:
+    """Make sure the store holds ``ids`` of ``kind``; returns their entries (in the order asked)."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {executor!r}; known: local, ray")
+    store = store or GroundTruthStore()
+    ids = valid_ids(ctx, kind, ids, lds_spec)
+    key = store_key(ctx, kind, lds_spec)
+    entries = store.load(key)
+    if np.setdiff1d(ids, entries.ids).size:
+        with store.build_lock(key):
+            entries = store.load(key)  # another process may have added some meanwhile
+            missing = np.setdiff1d(ids, entries.ids)
+            chunks = [missing[s:s + chunk] for s in range(0, len(missing), chunk)]
+            if chunks and executor == "ray":
+                from . import ray_executor
+
+                ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, key.digest, workers, ray_address,
+                                 ctx.device.type, on_chunk)
+            elif chunks:
+                for part in chunks:
+                    store.save_chunk(key, compute(ctx, kind, part, lds_spec), engine.CEILING_METHOD)
+                    if on_chunk is not None:
+                        on_chunk(part)
+            if chunks:
+                store.compact(key)
+            entries = store.load(key)
+    missing = np.setdiff1d(ids, entries.ids)
+    if missing.size:  # only if a shard was corrupted between the build and this read
+        raise RuntimeError(f"ground truth for {ctx.setting.id!r} ({kind}) still lacks ids {missing[:10].tolist()}")
+    return entries.select(ids)
+
+
+def ground_truth(ctx: Context, removed: np.ndarray, store: GroundTruthStore | None = None, **kw) -> np.ndarray:
+    """``[len(removed), n_test_all]`` changes in each test-set point's loss when that index is removed."""
+    return build(ctx, "loo", removed, store, **kw).delta
+
+
+def lds_ground_truth(ctx: Context, store: GroundTruthStore | None = None,
+                     spec: lds.LdsSpec = lds.DEFAULT, **kw) -> np.ndarray:
+    """``[M, n_test_all]`` test-loss change of every subset model (all ``spec.n_subsets`` subsets)."""
+    return build(ctx, "lds", np.arange(spec.n_subsets), store, lds_spec=spec, **kw).delta
