@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,45 +14,10 @@ from .context import Context, get_context
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth
 from .registry import REGISTRY
+from .schema import Case  # noqa: F401  (the result record; re-exported here)
 from .settings import Setting
 
 PROTOCOLS = ("loo-fixed", "loo-topk")
-
-
-@dataclass
-class Case:
-    """One (estimator, setting, protocol, metric) result; ``status`` is ok | error | skipped."""
-
-    estimator: str
-    setting: str
-    setting_version: int
-    spec_hash: str
-    protocol: str
-    mode: str
-    metric: str
-    status: str = "ok"
-    value: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    median: float | None = None
-    min: float | None = None
-    n_test: int = 0
-    n_undefined: int = 0
-    per_test: list = field(default_factory=list)
-    test_idx: list = field(default_factory=list)
-    noise_ceiling: float = 1.0
-    wall_time_s: float | None = None
-    peak_memory_mb: float | None = None
-    hyperparameters: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)
-    message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in d.items():  # JSON has no NaN
-            if isinstance(v, float) and not np.isfinite(v):
-                d[k] = None
-        return d
 
 
 def fixed_removals(ctx: Context) -> np.ndarray:
@@ -90,6 +53,7 @@ def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTru
 
 
 def _peak_rss_mb() -> float | None:
+    """Peak resident set size of this process so far (Linux reports KiB), in MiB."""
     try:
         import resource
 
@@ -100,9 +64,21 @@ def _peak_rss_mb() -> float | None:
 
 def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, float]:
     """Call the estimator, validate its output; returns (influence [n_test, n_train], seconds)."""
+    influence, seconds, _ = run_estimator_measured(est, ctx)
+    return influence, seconds
+
+
+def run_estimator_measured(est: Estimator, ctx: Context) -> tuple[np.ndarray, float, float | None]:
+    """``run_estimator`` plus the peak memory in MiB.
+
+    On CUDA the time is taken between synchronisations and the peak is
+    ``torch.cuda.max_memory_allocated`` during the call; on CPU it is the process's peak RSS.
+    """
     where = f"estimator {est.name!r} on setting {ctx.setting.id!r}"
-    if ctx.device.type == "cuda":
+    cuda = ctx.device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(ctx.device)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     t0 = time.perf_counter()
     try:
         out = est.influence(ctx)
@@ -110,10 +86,18 @@ def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, float]:
         raise
     except Exception as exc:
         raise EstimatorError(f"{where} raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
-    if ctx.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - t0
-    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), seconds
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**20 if cuda else _peak_rss_mb()
+    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), seconds, peak
+
+
+def setting_info(setting: Setting) -> dict:
+    """The shape of a setting, stored with each case so reports need not know the catalog."""
+    return {"dataset": setting.data.name, "family": setting.model.family, "depth": setting.model.depth,
+            "width": setting.model.width, "weight_decay": setting.weight_decay, "tier": setting.tier,
+            "n_train": setting.data.n_train}
 
 
 def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
@@ -123,10 +107,11 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()))
+                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_info(setting))
     ctx = get_context(setting, device)
+    base["device"] = str(ctx.device)
     try:
-        influence, seconds = run_estimator(est, ctx)
+        influence, seconds, peak = run_estimator_measured(est, ctx)
     except EstimatorUnsupported as exc:
         return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
                 for p in protocols for m in metrics.METRICS]
@@ -141,7 +126,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
-                              wall_time_s=seconds, peak_memory_mb=_peak_rss_mb(),
+                              wall_time_s=seconds, peak_memory_mb=peak,
                               diagnostics=_jsonable(dict(est.diagnostics)), **base))
     return cases
 
