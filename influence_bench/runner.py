@@ -14,7 +14,7 @@ from .context import Context, get_context
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth
 from .registry import REGISTRY
-from .schema import Case  # noqa: F401  (the result record; re-exported here)
+from .schema import Case, setting_info  # noqa: F401  (Case: the result record, re-exported here)
 from .settings import Setting
 
 PROTOCOLS = ("loo-fixed", "loo-topk")
@@ -91,13 +91,6 @@ def run_estimator_measured(est: Estimator, ctx: Context) -> tuple[np.ndarray, fl
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(ctx.device) / 2**20 if cuda else _peak_rss_mb()
     return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), seconds, peak
-
-
-def setting_info(setting: Setting) -> dict:
-    """The shape of a setting, stored with each case so reports need not know the catalog."""
-    return {"dataset": setting.data.name, "family": setting.model.family, "depth": setting.model.depth,
-            "width": setting.model.width, "weight_decay": setting.weight_decay, "tier": setting.tier,
-            "n_train": setting.data.n_train}
 
 
 def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
