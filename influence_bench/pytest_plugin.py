@@ -142,6 +142,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("fidelity_case", params)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info) -> None:
+    """pytest-benchmark JSON: torch/CUDA versions and device names beside its CPU info."""
+    from .benchmarking import update_machine_info
+
+    update_machine_info(machine_info)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     """Write the run file and apply the regression gate (runs before the terminal summary)."""
     bench = session.config.stash.get(_KEY, None)

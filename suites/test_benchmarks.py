@@ -1,0 +1,32 @@
+"""Estimator cost: each selected estimator timed on a small setting of each family (pytest-benchmark).
+
+``pytest suites/ --benchmark-only`` runs just these, ``--benchmark-skip`` everything else,
+``--benchmark-json FILE`` keeps the timings with peak memory and machine info. Ids read
+``bench-<estimator>-<setting>``.
+"""
+
+import pytest
+
+from influence_bench import catalog
+from influence_bench.benchmarking import benchmark_estimator
+from influence_bench.estimator import EstimatorUnsupported
+from influence_bench.registry import REGISTRY
+
+BENCH_SETTINGS = ("iris-logreg-wd1e-3", "iris-mlp-d3-w16-wd1e-3")
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_estimator" in metafunc.fixturenames:
+        names = metafunc.config.getoption("--estimator") or REGISTRY.names()
+        params = [pytest.param((n, s), id=f"bench-{n}-{s}") for n in names for s in BENCH_SETTINGS]
+        metafunc.parametrize("bench_estimator", params)
+
+
+def test_estimator_cost(benchmark, bench_estimator, influence_bench):
+    name, setting = bench_estimator
+    benchmark.group = setting
+    try:
+        influence = benchmark_estimator(benchmark, name, catalog.get_setting(setting), device=influence_bench.device)
+    except EstimatorUnsupported as exc:
+        pytest.skip(f"{name} on {setting}: {exc}")
+    assert influence.isfinite().all()
