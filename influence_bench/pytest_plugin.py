@@ -97,6 +97,9 @@ def _gate_options(config: pytest.Config):
     except GateSpecError as exc:
         raise pytest.UsageError(str(exc)) from None
     path = config.getoption("--baseline")
+    if path is not None and (config.getoption("dist", "no") != "no" or config.getoption("numprocesses", None)):
+        raise pytest.UsageError("--baseline does not work under pytest-xdist yet (the cases are collected per "
+                                "worker); run the gated session without -n")
     if path is None:
         if gates:
             raise pytest.UsageError("--gate needs --baseline FILE")
