@@ -149,15 +149,19 @@ def _judge(g: Gate, key: tuple, base: Case, run: Case, res: Comparison) -> None:
         res.unchanged += 1
 
 
+def _show(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
 def compare_runs(run: Run, baseline: Run, gates: tuple[Gate, ...] | list[Gate] = ()) -> Comparison:
     gates = tuple(gates) or tuple(parse_gate(s) for s in DEFAULT_GATES)
     res = Comparison(gates)
     now, before = _index(run, gates), _index(baseline, gates)
     for key in sorted(set(now) | set(before)):
         if key not in before:
-            res.new.append(Finding(key, f"{now[key][1].status}, value {_value(*now[key])}"))
+            res.new.append(Finding(key, f"{now[key][1].status}, value {_show(_value(*now[key]))}"))
         elif key not in now:
-            res.vanished.append(Finding(key, f"baseline value {_value(*before[key])}"))
+            res.vanished.append(Finding(key, f"baseline value {_show(_value(*before[key]))}"))
         else:
             _judge(now[key][0], key, before[key][1], now[key][1], res)
     return res
