@@ -97,7 +97,7 @@ def _baseline(args) -> int:
         for r in runs:
             cases.update({(c.estimator, c.setting, c.protocol, c.mode, c.metric): c for c in r.cases})
         merged.cases = list(cases.values())
-    merged.extra = {**merged.extra, "baseline_of": [str(p) for p in args.runs]}
+    merged.extra = {**merged.extra, "baseline_of": [Path(p).name for p in args.runs]}
     path = write_run_obj(Path(args.out), merged)
     print(f"baseline written to {path} ({len(merged.cases)} cases from {len(runs)} run file(s))")
     return 0
