@@ -67,6 +67,60 @@ def _score(args) -> int:
     return 1 if failures or any(c.status == "error" for c in cases) else 0
 
 
+def _compare(args) -> int:
+    from .gates import GateSpecError, compare_runs, format_comparison, parse_gate
+    from .schema import RunFileError, load_run
+
+    try:
+        gates = [parse_gate(g) for g in args.gate]
+        run, baseline = load_run(args.run), load_run(args.baseline)
+    except (GateSpecError, RunFileError) as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    res = compare_runs(run, baseline, gates)
+    print(format_comparison(res, args.run, args.baseline))
+    return 1 if res.failed else 0
+
+
+def _baseline(args) -> int:
+    from .results import write_run_obj
+    from .schema import RunFileError, load_run
+
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except RunFileError as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    merged = runs[-1]
+    if len(runs) > 1:  # later runs win per (estimator, setting, protocol, mode, metric)
+        cases = {}
+        for r in runs:
+            cases.update({(c.estimator, c.setting, c.protocol, c.mode, c.metric): c for c in r.cases})
+        merged.cases = list(cases.values())
+    merged.extra = {**merged.extra, "baseline_of": [Path(p).name for p in args.runs]}
+    path = write_run_obj(Path(args.out), merged)
+    print(f"baseline written to {path} ({len(merged.cases)} cases from {len(runs)} run file(s))")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+    from .schema import RunFileError, load_run
+
+    paths = args.runs or sorted(Path(args.results_dir, "runs").glob("run-*.json"))[-1:]
+    if not paths:
+        print(f"influence-bench: no run files given and none in {args.results_dir}/runs", file=sys.stderr)
+        return 2
+    try:
+        runs = [load_run(p) for p in paths]
+    except RunFileError as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    page = write_report(runs, Path(args.out))
+    print(f"report written to {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="influence-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_groundtruth
 
     cli_groundtruth.add_parser(sub)
+
+    cp = sub.add_parser("compare", help="regression gate: compare a run file against a baseline")
+    cp.add_argument("run", help="run file (results/runs/run-*.json)")
+    cp.add_argument("--baseline", default="results/baseline.json")
+    cp.add_argument("--gate", action="append", default=[], metavar="SPEC",
+                    help="METRIC:TOLERANCE, e.g. spearman:-0.05 (absolute drop), pearson:-10%%, time:+25%% "
+                         "(repeatable; default spearman:-0.05)")
+    cp.set_defaults(func=_compare)
+
+    bl = sub.add_parser("baseline", help="write the baseline that `compare` and `--baseline` gate against")
+    bl_sub = bl.add_subparsers(dest="action", required=True)
+    up = bl_sub.add_parser("update", help="baseline := these run files (later files win per case)")
+    up.add_argument("runs", nargs="+", metavar="RUN.json")
+    up.add_argument("--out", default="results/baseline.json")
+    up.set_defaults(func=_baseline)
+
+    rp = sub.add_parser("report", help="Markdown report with PNG figures from run files")
+    rp.add_argument("runs", nargs="*", metavar="RUN.json", help="default: the newest run in --results-dir")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("--results-dir", default="results")
+    rp.set_defaults(func=_report)
     return p
 
 

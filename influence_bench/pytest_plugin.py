@@ -41,6 +41,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="where run files go (default: <rootdir>/results); the run is results/runs/run-*.json")
     g.addoption("--require-data", action="store_true",
                 help="fail, instead of skip, when a dataset is missing")
+    g.addoption("--baseline", default=None, metavar="FILE",
+                help="after the session, compare the run to this baseline run file; a regression fails the "
+                     "session (make one with `influence-bench baseline update RUN.json`)")
+    g.addoption("--gate", action="append", default=[], metavar="SPEC",
+                help="gate for --baseline, e.g. spearman:-0.05 (absolute drop) or time:+25%% (repeatable; "
+                     "default spearman:-0.05). A case regresses only if the baseline is outside the run's CI")
 
 
 class BenchSession:
@@ -50,6 +56,9 @@ class BenchSession:
         self.config = config
         self.cases: list = []
         self.thresholds = Thresholds.load()
+        self.run_path: Path | None = None
+        self.comparison = None
+        self.gates, self.baseline = _gate_options(config)
 
     @property
     def device(self) -> str:
@@ -78,6 +87,32 @@ class BenchSession:
             pytest.xfail("\n".join(known))
 
 
+def _gate_options(config: pytest.Config):
+    """Parse --gate / load --baseline at configure time, so a typo fails before anything runs."""
+    from .gates import GateSpecError, parse_gate
+    from .schema import RunFileError, load_run
+
+    try:
+        gates = [parse_gate(g) for g in config.getoption("--gate")]
+    except GateSpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    path = config.getoption("--baseline")
+    if path is not None and (config.getoption("dist", "no") != "no" or config.getoption("numprocesses", None)):
+        raise pytest.UsageError("--baseline does not work under pytest-xdist yet (the cases are collected per "
+                                "worker); run the gated session without -n")
+    if path is None:
+        if gates:
+            raise pytest.UsageError("--gate needs --baseline FILE")
+        return gates, None
+    if not Path(path).exists():
+        raise pytest.UsageError(f"--baseline {path}: no such file; write one with "
+                                f"`influence-bench baseline update results/runs/run-....json --out {path}`")
+    try:
+        return gates, load_run(path)
+    except RunFileError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_KEY] = BenchSession(config)
     config.addinivalue_line("markers", "fidelity: a generated (estimator x setting) fidelity case")
@@ -100,8 +135,6 @@ def _selected_estimators(cfg: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg = metafunc.config
-    if "estimator_name" in metafunc.fixturenames:  # e.g. the benchmarks: one test per selected estimator
-        metafunc.parametrize("estimator_name", _selected_estimators(cfg))
     if "fidelity_case" not in metafunc.fixturenames:
         return
     names = _selected_estimators(cfg)
@@ -117,6 +150,32 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("fidelity_case", params)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info) -> None:
+    """pytest-benchmark JSON: torch/CUDA versions and device names beside its CPU info."""
+    from .benchmarking import update_machine_info
+
+    update_machine_info(machine_info)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    """Write the run file and apply the regression gate (runs before the terminal summary)."""
+    bench = session.config.stash.get(_KEY, None)
+    if bench is None or not bench.cases:
+        return
+    config = session.config
+    out = config.getoption("--results-dir")
+    results_dir = Path(out) if out else Path(config.rootpath) / "results"
+    bench.run_path = write_run(new_run_path(results_dir), bench.cases, extra={"tier": config.getoption("--tier")})
+    if bench.baseline is not None:
+        from .gates import compare_runs
+        from .schema import load_run
+
+        bench.comparison = compare_runs(load_run(bench.run_path), bench.baseline, bench.gates)
+        if bench.comparison.failed:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     bench = config.stash.get(_KEY, None)
     if bench is None or not bench.cases:
@@ -124,7 +183,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     verdicts, _ = judge(bench.cases, bench.thresholds)
     terminalreporter.section("influence-bench fidelity")
     terminalreporter.write_line(fidelity_table(bench.cases, verdicts))
-    out = config.getoption("--results-dir")
-    results_dir = Path(out) if out else Path(config.rootpath) / "results"
-    path = write_run(new_run_path(results_dir), bench.cases, extra={"tier": config.getoption("--tier")})
-    terminalreporter.write_line(f"results written to {path}")
+    if bench.run_path is not None:
+        terminalreporter.write_line(f"results written to {bench.run_path}")
+    if bench.comparison is not None:
+        from .gates import format_comparison
+
+        failed = bench.comparison.failed
+        terminalreporter.section("influence-bench regression gate", red=failed, green=not failed)
+        text = format_comparison(bench.comparison, str(bench.run_path), config.getoption("--baseline"),
+                                 max_listed=None if config.getoption("verbose") > 0 else 5)
+        for line in text.splitlines():
+            terminalreporter.write_line(line, red=failed and line.startswith("GATE FAILED"), bold=failed)

@@ -1,9 +1,10 @@
-"""Run files: one JSON per run (schema_version, machine, commit, cases), written atomically."""
+"""Run files: one JSON per run (schema_version, machine, commit, cases), written atomically.
+
+The schema itself (fields, validation, upgrades) lives in :mod:`influence_bench.schema`."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -13,8 +14,7 @@ from typing import Iterable
 import torch
 
 from .paths import write_json
-
-SCHEMA_VERSION = 1
+from .schema import SCHEMA_VERSION, Case, Run, RunFileError, load_run, run_from_json  # noqa: F401
 
 
 def machine_info() -> dict:
@@ -51,27 +51,28 @@ def new_run_path(results_dir: Path) -> Path:
 
 
 def write_run(path: Path, cases: Iterable, extra: dict | None = None) -> Path:
+    """Write a run file (``extra`` may carry ``tier`` and other top-level keys); validated first, so
+    nothing this module writes fails to load."""
+    extra = dict(extra or {})
     doc = {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "tier": extra.pop("tier", None),
         "machine": machine_info(),
         "commit": commit_info(),
-        **(extra or {}),
+        **extra,
         "cases": [c.to_json() if hasattr(c, "to_json") else c for c in cases],
     }
+    run_from_json(doc, path)
     write_json(Path(path), doc)
     return Path(path)
 
 
+def write_run_obj(path: Path, run: Run) -> Path:
+    write_json(Path(path), run.to_json())
+    return Path(path)
+
+
 def read_run(path: Path) -> dict:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"run file {path}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(doc, dict) or "schema_version" not in doc or "cases" not in doc:
-        raise ValueError(f"run file {path}: not an influence-bench run (no schema_version/cases)")
-    if doc["schema_version"] > SCHEMA_VERSION:
-        raise ValueError(f"run file {path}: schema_version {doc['schema_version']} is newer than this "
-                         f"influence-bench understands ({SCHEMA_VERSION}); upgrade influence-bench")
-    return doc
+    """The run file at ``path`` as a validated JSON dict at the current schema version."""
+    return load_run(path).to_json()

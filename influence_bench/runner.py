@@ -4,8 +4,6 @@ truth for each protocol, and turn the comparison into result cases."""
 from __future__ import annotations
 
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +14,7 @@ from .measure import Measurement, measure
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth, lds, lds_ground_truth, store_key
 from .registry import REGISTRY
+from .schema import Case, setting_info  # noqa: F401  (Case: the result record, re-exported here)
 from .settings import Setting
 
 # Run by default. "lds" is available on request (``protocols=`` / ``--protocol``): on Iris logistic
@@ -23,44 +22,6 @@ from .settings import Setting
 # Newton from theta* does not reach grad_tol there within 40 steps (see groundtruth/lds.py).
 PROTOCOLS = ("loo-fixed", "loo-topk")
 KNOWN_PROTOCOLS = PROTOCOLS + ("lds",)
-
-
-@dataclass
-class Case:
-    """One (estimator, setting, protocol, metric) result; ``status`` is ok | error | skipped."""
-
-    estimator: str
-    setting: str
-    setting_version: int
-    spec_hash: str
-    protocol: str
-    mode: str
-    metric: str
-    status: str = "ok"
-    value: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    median: float | None = None
-    min: float | None = None
-    n_test: int = 0
-    n_undefined: int = 0
-    per_test: list = field(default_factory=list)
-    test_idx: list = field(default_factory=list)
-    noise_ceiling: float = 1.0
-    wall_time_s: float | None = None
-    peak_memory_mb: float | None = None  # peak during the estimator (RSS on CPU, allocated on CUDA)
-    extra_memory_mb: float | None = None  # that peak minus the memory in use when it started
-    device: str = "cpu"
-    hyperparameters: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)
-    message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in d.items():  # JSON has no NaN
-            if isinstance(v, float) and not np.isfinite(v):
-                d[k] = None
-        return d
 
 
 def fixed_removals(ctx: Context) -> np.ndarray:
@@ -124,8 +85,9 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()))
+                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_info(setting))
     ctx = get_context(setting, device)
+    base["device"] = str(ctx.device)
     try:
         influence, cost = run_estimator(est, ctx)
     except EstimatorUnsupported as exc:
@@ -144,7 +106,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
                               noise_ceiling=ceiling, wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
-                              extra_memory_mb=cost.extra_memory_mb, device=str(ctx.device),
+                              extra_memory_mb=cost.extra_memory_mb,
                               diagnostics=_jsonable(dict(est.diagnostics)), **base))
     return cases
 

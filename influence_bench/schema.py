@@ -1,0 +1,209 @@
+"""The run-file schema, declared once: ``Case`` (one result) and ``Run`` (one file), with
+validation on load and upgrades from older ``schema_version``s.
+
+A run file is JSON::
+
+    {"schema_version": 2, "created": ISO-8601, "tier": "smoke" | null,
+     "machine": {"torch", "cuda", "device_name", "cpu_count", ...},
+     "commit": {"sha": str | null, "dirty": bool | null},
+     "cases": [Case, ...], ...}
+
+Unknown top-level keys are kept (``Run.extra``); unknown case keys are ignored. History:
+
+* v1: cases without ``device`` and ``setting_info``; ``tier`` optional.
+* v2: ``device`` and ``setting_info`` (dataset, family, depth, width, weight_decay) per case,
+  ``tier`` always present (null when unknown). v1 files are upgraded on load: ``device`` is
+  ``"cpu"`` when the machine had no CUDA, else ``"unknown"``; ``setting_info`` is empty.
+
+This module imports neither torch nor the runner, so reading results is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "error", "skipped")
+MACHINE_KEYS = ("torch", "cuda", "device_name", "cpu_count")
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class Case:
+    """One (estimator, setting, protocol, metric) result; ``status`` is ok | error | skipped.
+
+    ``value`` is the mean over test points of ``metric`` (``None`` when undefined), ``ci_low`` /
+    ``ci_high`` its bootstrap 95% CI, ``per_test`` the per-test-point values (order of ``test_idx``),
+    ``wall_time_s`` the estimator's time on the setting, ``peak_memory_mb`` the peak while it ran
+    (RSS high-water mark on Linux CPUs, reset before the call; ``torch.cuda.max_memory_allocated``
+    on GPU; see ``measure.py``), ``extra_memory_mb`` that peak minus what was in use at the start.
+    """
+
+    estimator: str
+    setting: str
+    setting_version: int
+    spec_hash: str
+    protocol: str
+    mode: str
+    metric: str
+    status: str = "ok"
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    median: float | None = None
+    min: float | None = None
+    n_test: int = 0
+    n_undefined: int = 0
+    per_test: list = field(default_factory=list)
+    test_idx: list = field(default_factory=list)
+    noise_ceiling: float = 1.0
+    wall_time_s: float | None = None
+    peak_memory_mb: float | None = None
+    extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started
+    device: str = "unknown"
+    hyperparameters: dict = field(default_factory=dict)
+    setting_info: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():  # JSON has no NaN
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
+        d["per_test"] = [None if isinstance(v, float) and not math.isfinite(v) else v for v in d["per_test"]]
+        return d
+
+
+@dataclass
+class Run:
+    path: Path | None
+    schema_version: int
+    created: str
+    tier: str | None
+    machine: dict
+    commit: dict
+    cases: list[Case]
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "created": self.created, "tier": self.tier,
+                "machine": self.machine, "commit": self.commit, **self.extra,
+                "cases": [c.to_json() for c in self.cases]}
+
+
+def setting_info(setting: Any) -> dict:
+    """The shape of a ``Setting``, stored with each case so that reports need not know the catalog."""
+    return {"dataset": setting.data.name, "family": setting.model.family, "depth": setting.model.depth,
+            "width": setting.model.width, "weight_decay": setting.weight_decay, "tier": setting.tier,
+            "n_train": setting.data.n_train}
+
+
+# ---------------------------------------------------------------- validation
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return kind == "float" or isinstance(value, int)
+    return isinstance(value, {"str": str, "list": list, "dict": dict, "bool": bool}[kind])
+
+
+def _check(where: str, value: Any, ann: str) -> None:
+    kinds = [k.strip() for k in ann.split("|")]
+    if not any(_is(value, k) for k in kinds):
+        raise RunFileError(f"{where}: expected {' or '.join(kinds)}, got {type(value).__name__} {value!r:.60}")
+
+
+_CASE_FIELDS = {f.name: f for f in dataclasses.fields(Case)}
+
+
+def case_from_json(d: Any, where: str) -> Case:
+    if not isinstance(d, dict):
+        raise RunFileError(f"{where}: expected an object, got {type(d).__name__}")
+    kw = {}
+    for name, f in _CASE_FIELDS.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RunFileError(f"{where}: missing field {name!r}")
+            continue
+        _check(f"{where}.{name}", d[name], str(f.type))
+        kw[name] = d[name]
+    case = Case(**kw)
+    if case.status not in STATUSES:
+        raise RunFileError(f"{where}.status: {case.status!r} is not one of {', '.join(STATUSES)}")
+    for i, v in enumerate(case.per_test):
+        _check(f"{where}.per_test[{i}]", v, "float | None")
+    if case.ci_low is not None and case.ci_high is not None and case.ci_low > case.ci_high:
+        raise RunFileError(f"{where}: ci_low {case.ci_low} > ci_high {case.ci_high}")
+    return case
+
+
+def _upgrade_v1(doc: dict) -> dict:
+    machine = doc.get("machine") if isinstance(doc.get("machine"), dict) else {}
+    device = "cpu" if machine.get("cuda_available") is False else "unknown"
+    doc = {**doc, "schema_version": 2, "tier": doc.get("tier")}
+    if isinstance(doc["cases"], list):  # anything else is reported by validation
+        doc["cases"] = [{**c, "device": c.get("device", device), "setting_info": c.get("setting_info", {})}
+                        if isinstance(c, dict) else c for c in doc["cases"]]
+    return doc
+
+
+UPGRADES = {1: _upgrade_v1}  # version -> function returning the doc at version + 1
+
+
+def run_from_json(doc: Any, path: Path | str | None = None) -> Run:
+    """Validate (and upgrade) a decoded run file; errors name ``path`` and the offending field."""
+    name = str(path) if path is not None else "<run>"
+    if not isinstance(doc, dict):
+        raise RunFileError(f"run file {name}: expected a JSON object, got {type(doc).__name__}")
+    if "schema_version" not in doc or "cases" not in doc:
+        raise RunFileError(f"run file {name}: not an influence-bench run (no schema_version/cases)")
+    version = doc["schema_version"]
+    if not _is(version, "int") or version < 1:
+        raise RunFileError(f"run file {name}: schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise RunFileError(f"run file {name}: schema_version {version} is newer than this influence-bench "
+                           f"understands ({SCHEMA_VERSION}); upgrade influence-bench")
+    while version < SCHEMA_VERSION:
+        doc = UPGRADES[version](doc)
+        version = doc["schema_version"]
+    try:
+        for key, ann in (("created", "str"), ("tier", "str | None"), ("machine", "dict"), ("commit", "dict"),
+                         ("cases", "list")):
+            if key not in doc:
+                raise RunFileError(f"missing field {key!r}")
+            _check(key, doc[key], ann)
+        for key in MACHINE_KEYS:
+            if key not in doc["machine"]:
+                raise RunFileError(f"machine: missing field {key!r}")
+        for key in ("sha", "dirty"):
+            if key not in doc["commit"]:
+                raise RunFileError(f"commit: missing field {key!r}")
+        _check("commit.sha", doc["commit"]["sha"], "str | None")
+        _check("commit.dirty", doc["commit"]["dirty"], "bool | None")
+        cases = [case_from_json(c, f"cases[{i}]") for i, c in enumerate(doc["cases"])]
+    except RunFileError as exc:
+        raise RunFileError(f"run file {name}: {exc}") from None
+    known = {"schema_version", "created", "tier", "machine", "commit", "cases"}
+    return Run(Path(path) if path is not None else None, SCHEMA_VERSION, doc["created"], doc["tier"],
+               doc["machine"], doc["commit"], cases, {k: v for k, v in doc.items() if k not in known})
+
+
+def load_run(path: Path | str) -> Run:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFileError(f"run file {path}: cannot be read as JSON ({exc})") from exc
+    return run_from_json(doc, path)

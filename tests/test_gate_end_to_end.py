@@ -1,0 +1,62 @@
+"""End to end: a deliberately noised estimator (a temp plug-in) fails the pytest gate against the
+baseline of its clean runs; re-running the unchanged estimator passes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from influence_bench.cli import main
+
+ROOT = Path(__file__).parents[1]
+PLUGIN = '''
+import os
+from dataclasses import dataclass
+
+import torch
+
+from influence_bench import Estimator, register
+from influence_bench.registry import REGISTRY
+
+
+@register
+@dataclass
+class NoisedExact(Estimator):
+    """`exact` plus seeded Gaussian noise of IB_TEST_NOISE times the matrix's std (test only)."""
+
+    name = "noised-exact"
+
+    def influence(self, ctx):
+        clean = REGISTRY.create("exact").influence(ctx)
+        noise = float(os.environ.get("IB_TEST_NOISE", "0"))
+        g = torch.Generator().manual_seed(0)
+        return clean + noise * clean.std() * torch.randn(clean.shape, generator=g, dtype=clean.dtype)
+'''
+
+
+def _suite(tmp_path: Path, noise: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "INFLUENCE_BENCH_ESTIMATORS": str(tmp_path / "plugins"), "IB_TEST_NOISE": noise, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "suites/test_fidelity.py", "-q", "-p", "no:cacheprovider",
+                           "--estimator", "noised-exact", "-k", "iris-logreg", "--rootdir", str(ROOT),
+                           "--results-dir", str(tmp_path / "results"), *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_noised_estimator_fails_the_gate_unchanged_reruns_pass(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "noised_exact.py").write_text(PLUGIN)
+    first = _suite(tmp_path, "0")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run,) = (tmp_path / "results" / "runs").glob("run-*.json")
+    baseline = tmp_path / "baseline.json"
+    assert main(["baseline", "update", str(run), "--out", str(baseline)]) == 0
+    gate = ["--baseline", str(baseline), "--gate", "spearman:-0.05", "--gate", "pearson:-0.05"]
+    for _ in range(2):
+        again = _suite(tmp_path, "0", *gate)
+        assert again.returncode == 0 and "gate passed" in again.stdout, again.stdout + again.stderr
+    noised = _suite(tmp_path, "1.0", *gate)
+    assert noised.returncode == 1, noised.stdout + noised.stderr
+    assert "1 passed" in noised.stdout  # still better than chance: only the gate catches the drop
+    assert "REGRESSIONS: 4" in noised.stdout  # spearman and pearson x loo-fixed and loo-topk
+    assert "noised-exact / iris-logreg-wd1e-3 / loo-fixed / warm / spearman" in noised.stdout
