@@ -13,7 +13,7 @@ from influence_bench.data import DataUnavailable
 from influence_bench.estimator import EstimatorUnsupported
 from influence_bench.registry import REGISTRY
 
-BENCH_SETTINGS = ("iris-mlp-d3-w16-wd1e-3", "mnist5k-logreg-wd1e-3")
+BENCH_SETTINGS = ("iris-logreg-wd1e-3", "iris-mlp-d3-w16-wd1e-3", "mnist5k-logreg-wd1e-3")
 
 
 def pytest_generate_tests(metafunc):
