@@ -164,3 +164,21 @@ def test_export_prunes_stale_key_folders_and_keeps_shipped_ids(ctx, out, tmp_pat
     path, entries, removed = shipped.export(ctx, fixed_removals(ctx)[:3], GroundTruthStore(tmp_path / "c2"), out)
     assert removed == [stale] and not stale.exists() and counting == []  # all already shipped
     assert len(entries.ids) == ctx.n_train and path == _shard(ctx, out)
+
+
+CHECKOUT_SHIPPED = paths.repo_root() / "results" / "ground-truth"
+
+
+@pytest.mark.parametrize("sid", sorted(p.name for p in CHECKOUT_SHIPPED.iterdir() if p.is_dir())
+                         if CHECKOUT_SHIPPED.is_dir() else [])
+def test_checkout_shipped_ground_truth_still_matches_the_code(sid):
+    """Committed ground truth cannot silently drift: it lies under the current key, holds the
+    evaluated test points, verifies, and a recomputed sample matches."""
+    from influence_bench.data import DataUnavailable
+
+    try:
+        c = get_context(catalog.get_setting(sid))
+    except DataUnavailable as exc:
+        pytest.skip(f"{sid}: {exc}")
+    ok, lines = shipped.check(c, CHECKOUT_SHIPPED, sample=2)
+    assert ok, "\n".join(lines) + f"\nre-export: influence-bench ground-truth ship {sid}"

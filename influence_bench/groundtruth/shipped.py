@@ -13,6 +13,7 @@ writes the compacted shard; ``check`` verifies what is shipped and recomputes a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def export(ctx: Context, ids: np.ndarray, cache: GroundTruthStore, out: Path, ch
     arrays, meta = GroundTruthStore.shard_payload(key, entries, engine.CEILING_METHOD)
     write_json(d / "manifest.json", GroundTruthStore.manifest(key))
     write_npz(d / SHARD, meta=np.array(json.dumps(meta)), **arrays)
+    for p in (d / "manifest.json", d / SHARD):  # committed files: readable by everyone
+        os.chmod(p, 0o644)
     for p in d.glob("shard-*.npz"):
         if p.name != SHARD:
             p.unlink()
@@ -71,7 +74,11 @@ def check(ctx: Context, root: Path, sample: int = 3, tol: float = 1e-6, seed: in
             ok = False
             lines.append(f"{sid}: {exc}")
             continue
-        entries = e if entries is None or not entries.same_cols(e) else entries.merge(e)
+        if entries is not None and not entries.same_cols(e):
+            ok = False
+            lines.append(f"{sid}: shard {p} holds other test columns than the first shard (re-export)")
+            continue
+        entries = e if entries is None else entries.merge(e)
     if entries is None:
         return False, lines
     if not entries.covers(cols):
