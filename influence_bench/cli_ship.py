@@ -59,6 +59,8 @@ def _ship(args) -> int:
     if out is None:
         out = (repo_root() or Path.cwd()) / "results" / "ground-truth"
     cache = GroundTruthStore(args.root, shipped=None) if args.root else GroundTruthStore(shipped=None)
+    if out.resolve() == cache.root.resolve():
+        raise ValueError(f"the shipped root {out} cannot be the cache root (compaction would remove its shards)")
     estimators = args.estimator or builtin_estimators()
     failed = False
     for setting in _settings(args):

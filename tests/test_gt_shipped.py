@@ -182,3 +182,9 @@ def test_checkout_shipped_ground_truth_still_matches_the_code(sid):
         pytest.skip(f"{sid}: {exc}")
     ok, lines = shipped.check(c, CHECKOUT_SHIPPED, sample=2)
     assert ok, "\n".join(lines) + f"\nre-export: influence-bench ground-truth ship {sid}"
+
+
+def test_ship_refuses_to_write_into_the_cache_root(tmp_path, capsys):
+    root = tmp_path / "cache" / "ground-truth"
+    assert main(["ground-truth", "ship", SID, "--estimator", "exact", "--out", str(root), "--root", str(root)]) == 2
+    assert "cannot be the cache root" in capsys.readouterr().err and not root.exists()
