@@ -52,7 +52,7 @@ def _ship(args) -> int:
     from .cli_groundtruth import Progress
     from .context import get_context
     from .data import DataUnavailable
-    from .groundtruth import GroundTruthStore, shipped
+    from .groundtruth import GroundTruthStore, shipped, store_key
     from .paths import repo_root, shipped_gt_dir
 
     out = Path(args.out) if args.out else shipped_gt_dir()
@@ -79,7 +79,8 @@ def _ship(args) -> int:
             failed = failed or not ok
             continue
         ids = removals(ctx, estimators)
-        bar = Progress(f"{setting.id} ship", len(ids), 0)
+        have = GroundTruthStore(cache.root, shipped=out).load_for(store_key(ctx, "loo"), ctx.test_idx).ids
+        bar = Progress(f"{setting.id} ship", len(ids), int(np.isin(ids, have).sum()))
         path, entries, stale = shipped.export(ctx, ids, cache, out, chunk=args.chunk,
                                               on_chunk=lambda part: bar.update(len(part)))
         bar.draw(final=True)
