@@ -1,4 +1,4 @@
-"""``influence-bench ground-truth build | verify | info``."""
+"""``influence-bench ground-truth build | verify | info`` (and ``ship``: ``cli_ship.py``)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def _info(args) -> int:
         grad = f"{i['max_grad_norm']:.1e}" if i["max_grad_norm"] is not None else "-"
         print(f"  {kind:<4} ({protocols}): {i['entries']} entries in {i['shards']} shard(s), {i['bytes']} bytes, "
               f"noise ceiling {i['noise_ceiling']:.2f}, max grad norm {grad}, key {i['key']}\n       {i['path']}")
+        key = store_key(ctx, kind)
+        shipped = store.load_shipped(key, ctx.test_idx)
+        if len(shipped.ids):
+            print(f"       shipped: {len(shipped.ids)} entries at the {ctx.n_test} evaluated test points in {store.shipped}")
     return 0
 
 
@@ -148,3 +152,7 @@ def add_parser(sub) -> None:
     i = gsub.add_parser("info", parents=[common], help="what is stored for a setting")
     i.add_argument("setting", metavar="SETTING")
     i.set_defaults(func=_info)
+
+    from . import cli_ship
+
+    cli_ship.add_parser(gsub, common)

@@ -62,3 +62,19 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def repo_root() -> Path | None:
+    """The checkout this package runs from (``pyproject.toml`` beside the package), else None."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def shipped_gt_dir() -> Path | None:
+    """Read-only ground truth shipped with the checkout (``results/ground-truth``), or
+    ``$INFLUENCE_BENCH_SHIPPED_GT``; None when that variable is set empty (disabled) or no checkout."""
+    env = os.environ.get("INFLUENCE_BENCH_SHIPPED_GT")
+    if env is not None:
+        return Path(env).expanduser() if env.strip() else None
+    root = repo_root()
+    return root / "results" / "ground-truth" if root is not None else None

@@ -43,18 +43,18 @@ def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTru
     """(predicted, actual), each ``[n_test, m]``: the removed points' predicted and retrained changes."""
     if protocol == "loo-fixed":
         removed = fixed_removals(ctx)
-        actual = ground_truth(ctx, removed, store)[:, ctx.test_idx].T
+        actual = ground_truth(ctx, removed, store, cols=ctx.test_idx).T
         return influence[:, removed], actual
     if protocol == "loo-topk":
         top = topk_removals(influence, ctx.setting.protocol.topk)
         union = np.unique(top)
-        gt = ground_truth(ctx, union, store)
+        gt = ground_truth(ctx, union, store, cols=ctx.test_idx)  # column j is test point ctx.test_idx[j]
         row = {int(r): k for k, r in enumerate(union)}
-        actual = np.stack([gt[[row[int(i)] for i in top[j]], ctx.test_idx[j]] for j in range(len(top))])
+        actual = np.stack([gt[[row[int(i)] for i in top[j]], j] for j in range(len(top))])
         predicted = np.take_along_axis(influence, top, 1)
         return predicted, actual
     if protocol == "lds":  # over subsets: actual change vs summed influence of the left-out points
-        actual = lds_ground_truth(ctx, store)[:, ctx.test_idx].T
+        actual = lds_ground_truth(ctx, store, cols=ctx.test_idx).T
         return lds.predicted_change(influence, lds.subset_masks(ctx.n_train)), actual
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(KNOWN_PROTOCOLS)}")
 
@@ -62,7 +62,7 @@ def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTru
 def ground_truth_ceiling(ctx: Context, protocol: str, store: GroundTruthStore | None = None) -> float:
     """The noise ceiling stored with the protocol's ground truth (1 for deterministic retraining)."""
     key = store_key(ctx, "lds" if protocol == "lds" else "loo")
-    return (store or GroundTruthStore()).load(key).noise_ceiling
+    return (store or GroundTruthStore()).load_for(key, ctx.test_idx).noise_ceiling
 
 
 def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:

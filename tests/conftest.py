@@ -1,4 +1,5 @@
-"""Unit tests of the library: small, fast, CPU. Caches go to a per-session temp dir."""
+"""Unit tests of the library: small, fast, CPU. Caches go to a per-session temp dir;
+the shipped ground truth of the checkout is not read."""
 
 import pytest
 
@@ -7,5 +8,6 @@ import pytest
 def _isolated_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("INFLUENCE_BENCH_CACHE", str(tmp_path_factory.mktemp("ib-cache")))
+    mp.setenv("INFLUENCE_BENCH_SHIPPED_GT", "")  # no shipped ground truth unless a test asks for it
     yield
     mp.undo()

@@ -63,19 +63,34 @@ def valid_ids(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = 
     return ids
 
 
+def valid_cols(ctx: Context, cols: np.ndarray | None) -> np.ndarray | None:
+    if cols is None:
+        return None
+    cols = np.asarray(cols, dtype=np.int64)
+    n = int(ctx.data.x_test.shape[0])
+    if cols.ndim != 1 or (cols.size and (cols.min() < 0 or cols.max() >= n)):
+        raise IndexError(f"setting {ctx.setting.id!r}: test columns must be a 1-d array in [0, {n})")
+    return cols
+
+
 def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | None = None, chunk: int = 32,
           lds_spec: lds.LdsSpec = lds.DEFAULT, executor: str = "local", workers: int = 2,
-          ray_address: str | None = None, on_chunk: ChunkHook | None = None) -> Entries:
-    """Make sure the store holds ``ids`` of ``kind``; returns their entries (in the order asked)."""
+          ray_address: str | None = None, on_chunk: ChunkHook | None = None,
+          cols: np.ndarray | None = None) -> Entries:
+    """Make sure the store holds ``ids`` of ``kind`` at test columns ``cols`` (None: every test
+    column); returns their entries (in the order asked, ``delta`` holding ``cols`` in that order).
+    Entries of the shipped root count as stored when they hold all of ``cols``; what is missing is
+    computed (every column) into the cache."""
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; known: local, ray")
     store = store or GroundTruthStore()
     ids = valid_ids(ctx, kind, ids, lds_spec)
+    cols = valid_cols(ctx, cols)
     key = store_key(ctx, kind, lds_spec)
-    entries = store.load(key)
+    entries = store.load_for(key, cols)
     if np.setdiff1d(ids, entries.ids).size:
         with store.build_lock(key):
-            entries = store.load(key)  # another process may have added some meanwhile
+            entries = store.load_for(key, cols)  # another process may have added some meanwhile
             missing = np.setdiff1d(ids, entries.ids)
             chunks = [missing[s:s + chunk] for s in range(0, len(missing), chunk)]
             if chunks and executor == "ray":
@@ -90,19 +105,21 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
                         on_chunk(part)
             if chunks:
                 store.compact(key)
-            entries = store.load(key)
+            entries = store.load_for(key, cols)
     missing = np.setdiff1d(ids, entries.ids)
     if missing.size:  # only if a shard was corrupted between the build and this read
         raise RuntimeError(f"ground truth for {ctx.setting.id!r} ({kind}) still lacks ids {missing[:10].tolist()}")
     return entries.select(ids)
 
 
-def ground_truth(ctx: Context, removed: np.ndarray, store: GroundTruthStore | None = None, **kw) -> np.ndarray:
-    """``[len(removed), n_test_all]`` changes in each test-set point's loss when that index is removed."""
-    return build(ctx, "loo", removed, store, **kw).delta
+def ground_truth(ctx: Context, removed: np.ndarray, store: GroundTruthStore | None = None,
+                 cols: np.ndarray | None = None, **kw) -> np.ndarray:
+    """``[len(removed), len(cols)]`` changes in the loss of test-set points ``cols`` (None: all,
+    ``[len(removed), n_test_all]``) when each index is removed."""
+    return build(ctx, "loo", removed, store, cols=cols, **kw).delta
 
 
 def lds_ground_truth(ctx: Context, store: GroundTruthStore | None = None,
-                     spec: lds.LdsSpec = lds.DEFAULT, **kw) -> np.ndarray:
-    """``[M, n_test_all]`` test-loss change of every subset model (all ``spec.n_subsets`` subsets)."""
-    return build(ctx, "lds", np.arange(spec.n_subsets), store, lds_spec=spec, **kw).delta
+                     spec: lds.LdsSpec = lds.DEFAULT, cols: np.ndarray | None = None, **kw) -> np.ndarray:
+    """``[M, len(cols)]`` (None: ``[M, n_test_all]``) test-loss change of every subset model."""
+    return build(ctx, "lds", np.arange(spec.n_subsets), store, lds_spec=spec, cols=cols, **kw).delta

@@ -10,6 +10,12 @@ rename), so a killed build loses at most the chunk in flight. An unreadable, tru
 mismatching shard is reported (a warning naming its path), renamed ``*.corrupt`` and its rows
 are recomputed. Two locks: ``build.lock`` (held for a whole build: no duplicated work) and
 ``write.lock`` (short: reading, writing and compacting shards). No pickle anywhere.
+
+Shipped layer: ``GroundTruthStore.shipped`` (default the checkout's ``results/ground-truth``,
+``$INFLUENCE_BENCH_SHIPPED_GT`` to move it, set empty to disable) has the same layout and is
+verified the same way, but is only read: a corrupt shipped shard is reported and ignored, never
+renamed. Shipped shards hold only the evaluated test columns (a ``cols`` array), so they serve
+``load_for(key, cols)`` only when they hold every column asked for (``groundtruth/shipped.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from ..paths import cache_dir, read_npz, write_json, write_npz
+from .entries import ARRAYS, Entries, MissingColumns
+from ..paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
-ARRAYS = ("ids", "delta", "grad_norm", "steps")
 
 
 class CorruptGroundTruth(RuntimeError):
@@ -59,36 +65,6 @@ def _lock(path: Path) -> FileLock:
     return _LOCKS.setdefault(str(path.resolve()), FileLock(str(path.resolve())))
 
 
-@dataclass
-class Entries:
-    ids: np.ndarray  # [k] removed training index (loo) or subset number (lds)
-    delta: np.ndarray  # [k, n_test_all] L(z; theta_-S) - L(z; theta_control)
-    grad_norm: np.ndarray  # [k] final gradient norm of each retrained model
-    steps: np.ndarray  # [k]
-    noise_ceiling: float = 1.0
-
-    @property
-    def removed(self) -> np.ndarray:  # the LOO name of ``ids``
-        return self.ids
-
-    @classmethod
-    def empty(cls, n_test: int) -> "Entries":
-        return cls(np.zeros(0, np.int64), np.zeros((0, n_test)), np.zeros(0), np.zeros(0, np.int64))
-
-    def merge(self, other: "Entries") -> "Entries":
-        keep = ~np.isin(self.ids, other.ids)
-        return Entries(*(np.concatenate([getattr(self, f)[keep], getattr(other, f)]) for f in ARRAYS),
-                       noise_ceiling=min(self.noise_ceiling, other.noise_ceiling))
-
-    def select(self, ids: np.ndarray) -> "Entries":
-        pos = {int(r): k for k, r in enumerate(self.ids)}
-        rows = [pos[int(r)] for r in ids]
-        return Entries(*(getattr(self, f)[rows] for f in ARRAYS), noise_ceiling=self.noise_ceiling)
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        return self.select(ids).delta
-
-
 @dataclass(frozen=True)
 class StoreKey:
     """Where one (setting, mode, kind) lives and everything its content hash covers."""
@@ -104,13 +80,24 @@ class StoreKey:
         return hash_json(self.payload)
 
 
+_DEFAULT = object()
+
+
+def key_dir(root: Path, key: StoreKey) -> Path:
+    return Path(root) / key.setting_id / f"{key.mode}-{key.kind}-{key.digest[:16]}"
+
+
 class GroundTruthStore:
-    def __init__(self, root: Path | None = None):
+    """The user cache (``root``, read-write) over an optional read-only ``shipped`` root with the
+    same layout (default ``paths.shipped_gt_dir()``: the checkout's ``results/ground-truth``)."""
+
+    def __init__(self, root: Path | None = None, shipped: Path | None = _DEFAULT):  # type: ignore[assignment]
         self.root = Path(root) if root is not None else cache_dir() / "ground-truth"
+        self.shipped = shipped_gt_dir() if shipped is _DEFAULT else (Path(shipped) if shipped is not None else None)
 
     # ---- places and locks ---------------------------------------------------------------------
     def dir(self, key: StoreKey) -> Path:
-        return self.root / key.setting_id / f"{key.mode}-{key.kind}-{key.digest[:16]}"
+        return key_dir(self.root, key)
 
     def shards(self, key: StoreKey) -> list[Path]:
         return sorted(self.dir(key).glob("shard-*.npz"))
@@ -122,24 +109,50 @@ class GroundTruthStore:
         return _lock(self.dir(key) / "write.lock")
 
     # ---- reading ------------------------------------------------------------------------------
-    def load(self, key: StoreKey) -> Entries:
-        """Every verified row; corrupt shards are reported, moved aside and left out."""
-        out = Entries.empty(key.n_test)
+    def load(self, key: StoreKey, cols: np.ndarray | None = None) -> Entries:
+        """Every verified row of the cache (at test columns ``cols``, None = all); corrupt shards are
+        reported, moved aside and left out. Shards lacking some of ``cols`` are left out."""
+        out = Entries.empty(key.n_test, cols)
         if not self.dir(key).is_dir():
             return out
         with self.write_lock(key):
             for p in self.shards(key):
                 try:
-                    out = out.merge(self._read_shard(p, key))
+                    e = self._read_shard(p, key)
                 except CorruptGroundTruth as exc:
                     self._quarantine(p, exc)
+                    continue
+                if e.covers(cols):
+                    out = out.merge(e.restrict(cols))
         return out
+
+    def load_shipped(self, key: StoreKey, cols: np.ndarray | None = None) -> Entries:
+        """Verified rows of the read-only shipped root that hold every column of ``cols``. Nothing
+        there is locked, renamed or written: a corrupt shard is reported and ignored."""
+        out = Entries.empty(key.n_test, cols)
+        if self.shipped is None or not key_dir(self.shipped, key).is_dir():
+            return out
+        for p in sorted(key_dir(self.shipped, key).glob("shard-*.npz")):
+            try:
+                e = self._read_shard(p, key)
+            except CorruptGroundTruth as exc:
+                warnings.warn(f"{exc}; shipped ground truth is not used, its entries will be recomputed into "
+                              f"the cache {self.root}", CorruptGroundTruthWarning, stacklevel=3)
+                continue
+            if e.covers(cols):
+                out = out.merge(e.restrict(cols))
+        return out
+
+    def load_for(self, key: StoreKey, cols: np.ndarray | None = None) -> Entries:
+        """Rows stored anywhere (shipped root, then the cache, which wins on shared ids) that hold
+        the test columns ``cols`` (None: every column, which column-subset shipped shards never do)."""
+        return self.load_shipped(key, cols).merge(self.load(key, cols))
 
     def _read_shard(self, p: Path, key: StoreKey) -> Entries:
         try:
             z = read_npz(p)
             meta = json.loads(str(z["meta"]))
-            arrays = {f: z[f] for f in ARRAYS}
+            arrays = {f: z[f] for f in ARRAYS + (("cols",) if "cols" in z else ())}
         except Exception as exc:  # truncated / not an npz / missing keys / bad JSON
             raise CorruptGroundTruth(f"ground-truth shard {p} is unreadable ({type(exc).__name__}: {exc})") from exc
         if meta.get("key") != key.digest:
@@ -147,12 +160,19 @@ class GroundTruthStore:
         for f, a in arrays.items():
             if meta.get("sha256", {}).get(f) != sha256_array(a):
                 raise CorruptGroundTruth(f"ground-truth shard {p}: checksum mismatch in array {f!r}")
-        k = len(arrays["ids"])
-        if arrays["delta"].shape != (k, key.n_test) or not np.isfinite(arrays["delta"]).all():
+        if set(meta.get("sha256", {})) != set(arrays):  # e.g. a "cols" array the meta does not vouch for
+            raise CorruptGroundTruth(f"ground-truth shard {p}: arrays {sorted(arrays)} do not match its checksums")
+        k, cols = len(arrays["ids"]), arrays.get("cols")
+        if cols is not None:
+            cols = cols.astype(np.int64)
+            if cols.ndim != 1 or len(np.unique(cols)) != len(cols) or (len(cols) and (cols.min() < 0 or cols.max() >= key.n_test)):
+                raise CorruptGroundTruth(f"ground-truth shard {p}: invalid test columns {cols.tolist()[:10]}")
+        width = key.n_test if cols is None else len(cols)
+        if arrays["delta"].shape != (k, width) or not np.isfinite(arrays["delta"]).all():
             raise CorruptGroundTruth(f"ground-truth shard {p}: delta has shape {arrays['delta'].shape}, "
-                                     f"expected ({k}, {key.n_test}), or non-finite values")
+                                     f"expected ({k}, {width}), or non-finite values")
         return Entries(arrays["ids"].astype(np.int64), arrays["delta"], arrays["grad_norm"],
-                       arrays["steps"].astype(np.int64), noise_ceiling=float(meta.get("noise_ceiling", 1.0)))
+                       arrays["steps"].astype(np.int64), noise_ceiling=float(meta.get("noise_ceiling", 1.0)), cols=cols)
 
     @staticmethod
     def _quarantine(p: Path, exc: Exception) -> None:
@@ -165,21 +185,35 @@ class GroundTruthStore:
         warnings.warn(f"{exc}; {where}; its entries will be recomputed", CorruptGroundTruthWarning, stacklevel=3)
 
     # ---- writing ------------------------------------------------------------------------------
-    def save_chunk(self, key: StoreKey, entries: Entries, ceiling_method: str = "deterministic") -> Path:
-        """Write ``entries`` as a new shard (atomically, under the write lock)."""
+    @staticmethod
+    def shard_payload(key: StoreKey, entries: Entries, ceiling_method: str = "deterministic") -> tuple[dict, dict]:
+        """(arrays, meta) of one shard: float64 ``delta``, a ``cols`` array for column-subset entries,
+        and the sha256 of every array in ``meta``."""
         arrays = {"ids": np.asarray(entries.ids, np.int64), "delta": np.asarray(entries.delta, np.float64),
                   "grad_norm": np.asarray(entries.grad_norm, np.float64), "steps": np.asarray(entries.steps, np.int64)}
+        if entries.cols is not None:
+            arrays["cols"] = np.asarray(entries.cols, np.int64)
         meta = {"key": key.digest, "kind": key.kind, "mode": key.mode, "n_test": key.n_test,
                 "noise_ceiling": float(entries.noise_ceiling), "ceiling_method": ceiling_method,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "sha256": {f: sha256_array(a) for f, a in arrays.items()}}
+        if entries.cols is not None:
+            meta["cols"] = arrays["cols"].tolist()  # for people reading the shard; "cols" array is what counts
+        return arrays, meta
+
+    @staticmethod
+    def manifest(key: StoreKey) -> dict:
+        return {"setting": key.setting_id, "mode": key.mode, "kind": key.kind, "key": key.digest, **key.payload}
+
+    def save_chunk(self, key: StoreKey, entries: Entries, ceiling_method: str = "deterministic") -> Path:
+        """Write ``entries`` as a new shard (atomically, under the write lock)."""
+        arrays, meta = self.shard_payload(key, entries, ceiling_method)
         first = int(arrays["ids"][0]) if len(arrays["ids"]) else -1
         path = self.dir(key) / f"shard-{time.time_ns():020d}-{first:08d}-{uuid.uuid4().hex[:8]}.npz"
         with self.write_lock(key):
             manifest = self.dir(key) / "manifest.json"
             if not manifest.is_file():
-                write_json(manifest, {"setting": key.setting_id, "mode": key.mode, "kind": key.kind,
-                                      "key": key.digest, **key.payload})
+                write_json(manifest, self.manifest(key))
             write_npz(path, meta=np.array(json.dumps(meta)), **arrays)
         return path
 

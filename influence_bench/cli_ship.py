@@ -1,0 +1,106 @@
+"""``influence-bench ground-truth ship SETTING... [--estimator NAME ...] [--tier smoke] [--check]``."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import catalog
+
+
+def builtin_estimators() -> list[str]:
+    """Names of the registered estimators whose class lives in the built-in ``estimators/``."""
+    from .registry import REGISTRY, builtin_dir
+
+    root = builtin_dir().resolve()
+    out = []
+    for name in REGISTRY.names():
+        src = inspect.getsourcefile(REGISTRY.get(name))
+        if src and root in Path(src).resolve().parents:
+            out.append(name)
+    return out
+
+
+def removals(ctx, estimators: list[str], log=print) -> np.ndarray:
+    """loo-fixed plus every listed estimator's loo-topk removals; estimators that fail are skipped."""
+    from .estimator import EstimatorError, EstimatorUnsupported
+    from .registry import REGISTRY
+    from .runner import fixed_removals, run_estimator, topk_removals
+
+    ids = [fixed_removals(ctx)]
+    for name in estimators:
+        try:
+            influence, _ = run_estimator(REGISTRY.create(name), ctx)
+        except (EstimatorUnsupported, EstimatorError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log(f"{ctx.setting.id}: skipping estimator {name!r} ({type(exc).__name__}: {first})")
+            continue
+        ids.append(np.unique(topk_removals(influence, ctx.setting.protocol.topk)))
+    return np.unique(np.concatenate(ids))
+
+
+def _settings(args) -> list:
+    if args.settings:
+        return [catalog.get_setting(s) for s in args.settings]
+    return catalog.select(tier=args.tier)
+
+
+def _ship(args) -> int:
+    from .cli_groundtruth import Progress
+    from .context import get_context
+    from .data import DataUnavailable
+    from .groundtruth import GroundTruthStore, shipped, store_key
+    from .paths import repo_root, shipped_gt_dir
+
+    out = Path(args.out) if args.out else shipped_gt_dir()
+    if out is None:
+        out = (repo_root() or Path.cwd()) / "results" / "ground-truth"
+    cache = GroundTruthStore(args.root, shipped=None) if args.root else GroundTruthStore(shipped=None)
+    if out.resolve() == cache.root.resolve():
+        raise ValueError(f"the shipped root {out} cannot be the cache root (compaction would remove its shards)")
+    estimators = args.estimator or builtin_estimators()
+    failed = False
+    for setting in _settings(args):
+        if setting.ground_truth.mode != "warm":
+            print(f"{setting.id}: mode {setting.ground_truth.mode!r} cannot be shipped yet; skipped")
+            continue
+        try:
+            ctx = get_context(setting, args.device)
+        except DataUnavailable as exc:
+            print(f"{setting.id}: skipped, data unavailable ({exc})", file=sys.stderr)
+            failed = failed or args.check
+            continue
+        if args.check:
+            ok, lines = shipped.check(ctx, out, args.sample, args.tol)
+            print("\n".join(lines))
+            failed = failed or not ok
+            continue
+        ids = removals(ctx, estimators)
+        have = GroundTruthStore(cache.root, shipped=out).load_for(store_key(ctx, "loo"), ctx.test_idx).ids
+        bar = Progress(f"{setting.id} ship", len(ids), int(np.isin(ids, have).sum()))
+        path, entries, stale = shipped.export(ctx, ids, cache, out, chunk=args.chunk,
+                                              on_chunk=lambda part: bar.update(len(part)))
+        bar.draw(final=True)
+        for p in stale:
+            print(f"{setting.id}: removed stale key folder {p}")
+        print(f"{setting.id}: shipped {len(entries.ids)} removals x {len(entries.cols)} test columns, "
+              f"{path.stat().st_size} bytes: {path}")
+    return 1 if failed else 0
+
+
+def add_parser(gsub, common) -> None:
+    s = gsub.add_parser("ship", parents=[common], help="write (or --check) the ground truth shipped in results/")
+    s.add_argument("settings", nargs="*", metavar="SETTING", help="default: every setting of --tier")
+    s.add_argument("--tier", default="smoke", help="settings of this tier when none are named (default smoke)")
+    s.add_argument("--estimator", action="append", default=None, metavar="NAME",
+                   help="whose loo-topk removals to ship (repeatable; default: every built-in estimator)")
+    s.add_argument("--out", default=None,
+                   help="shipped root (default: $INFLUENCE_BENCH_SHIPPED_GT or the checkout's results/ground-truth)")
+    s.add_argument("--chunk", type=int, default=32, help="models per chunk")
+    s.add_argument("--check", action="store_true", help="verify what is shipped and recompute --sample entries")
+    s.add_argument("--sample", type=int, default=3, metavar="K")
+    s.add_argument("--tol", type=float, default=1e-6, help="max deviation relative to max |delta| (default 1e-6)")
+    s.set_defaults(func=_ship)
