@@ -44,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--baseline", default=None, metavar="FILE",
                 help="after the session, compare the run to this baseline run file; a regression fails the "
                      "session (make one with `influence-bench baseline update RUN.json`)")
+    g.addoption("--bench-rounds", type=int, default=3, metavar="N",
+                help="timed rounds per estimator benchmark (after one warm-up round; default 3)")
     g.addoption("--gate", action="append", default=[], metavar="SPEC",
                 help="gate for --baseline, e.g. spearman:-0.05 (absolute drop) or time:+25%% (repeatable; "
                      "default spearman:-0.05). A case regresses only if the baseline is outside the run's CI")

@@ -27,7 +27,8 @@ def test_estimator_cost(benchmark, bench_estimator, influence_bench):
     name, setting = bench_estimator
     benchmark.group = setting
     try:
-        influence = benchmark_estimator(benchmark, name, catalog.get_setting(setting), device=influence_bench.device)
+        influence = benchmark_estimator(benchmark, name, catalog.get_setting(setting), device=influence_bench.device,
+                                        rounds=influence_bench.config.getoption("--bench-rounds"))
     except EstimatorUnsupported as exc:
         pytest.skip(f"{name} on {setting}: {exc}")
     except DataUnavailable as exc:
