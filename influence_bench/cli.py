@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import catalog
+from .paths import repo_root
 from .registry import REGISTRY, RegistryError
 from .settings import TIERS
 
@@ -56,7 +57,13 @@ def _score(args) -> int:
         except DataUnavailable as exc:
             skipped.append(f"{s.id}: {exc}")
     verdicts, failures = judge(cases, Thresholds.load())
-    print(fidelity_table(cases, verdicts))
+    reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)
+    if reference:
+        ref_verdicts, _ = judge(reference, Thresholds.load())
+        verdicts = {**ref_verdicts, **verdicts}
+    print(fidelity_table(cases + reference, verdicts))
+    if reference:
+        print(f"other estimators' rows: from the baseline {_baseline_path(args.baseline)} (not recomputed)")
     for line in skipped:
         print(f"skipped (data missing) {line}")
     for line in failures:
@@ -65,6 +72,31 @@ def _score(args) -> int:
         path = write_run(new_run_path(Path(args.results_dir)), cases, extra={"tier": args.tier})
         print(f"results written to {path}")
     return 1 if failures or any(c.status == "error" for c in cases) else 0
+
+
+def _baseline_path(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    root = repo_root()
+    return root / "results" / "baseline.json" if root is not None else None
+
+
+def _reference_cases(given: str | None, cases: list, estimator: str) -> list:
+    """The baseline's cases of the other estimators on the same settings (same spec hash) and protocols."""
+    from .schema import RunFileError, load_run
+
+    path = _baseline_path(given)
+    if path is None or not path.is_file():
+        if given:
+            print(f"influence-bench: baseline {path} not found; showing {estimator} alone", file=sys.stderr)
+        return []
+    try:
+        base = load_run(path)
+    except RunFileError as exc:
+        print(f"influence-bench: {exc}; showing {estimator} alone", file=sys.stderr)
+        return []
+    here = {(c.setting, c.spec_hash, c.protocol) for c in cases}
+    return [c for c in base.cases if c.estimator != estimator and (c.setting, c.spec_hash, c.protocol) in here]
 
 
 def _compare(args) -> int:
@@ -139,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--protocol", action="append", default=None, choices=["loo-fixed", "loo-topk", "lds"],
                     help="protocol (repeatable); default: loo-fixed and loo-topk")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
+    sc.add_argument("--baseline", default=None, metavar="FILE",
+                    help="show the other estimators' rows from this run file (default: the checkout's "
+                         "results/baseline.json, when there is one)")
+    sc.add_argument("--no-baseline", action="store_true", help="show only ESTIMATOR's rows")
     sc.set_defaults(func=_score)
 
     from . import cli_groundtruth

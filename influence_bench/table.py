@@ -23,7 +23,7 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
         info[key] = c
     if not rows:
         return "(no fidelity cases)"
-    header = f"{'setting':<26} {'estimator':<14} {'protocol':<10} {'spearman [95% CI]':<24} {'min':>6} " \
+    header = f"{'setting':<26} {'estimator':<16} {'protocol':<10} {'spearman [95% CI]':<24} {'min':>6} " \
              f"{'pearson [95% CI]':<24} {'n':>3} {'ceil':>5} {'time s':>7}  verdict"
     lines = [header, "-" * len(header)]
     last_setting = None
@@ -32,7 +32,7 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
         c0 = info[key]
         if c0.status != "ok":
             cells = f"{c0.status.upper()}: {c0.message.splitlines()[0][:90]}"
-            lines.append(f"{setting if setting != last_setting else '':<26} {est:<14} {proto:<10} {cells}")
+            lines.append(f"{setting if setting != last_setting else '':<26} {est:<16} {proto:<10} {cells}")
             last_setting = setting
             continue
         s, p = rows[key].get("spearman"), rows[key].get("pearson")
@@ -43,7 +43,7 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
             return f"{c.value:6.3f} [{c.ci_low:6.3f},{c.ci_high:6.3f}]".ljust(24)
 
         verdict = (verdicts or {}).get(key, "")
-        lines.append(f"{setting if setting != last_setting else '':<26} {est:<14} {proto:<10} {cell(s)} "
+        lines.append(f"{setting if setting != last_setting else '':<26} {est:<16} {proto:<10} {cell(s)} "
                      f"{_fmt(s.min if s else None, '6.3f'):>6} {cell(p)} {c0.n_test:>3} "
                      f"{c0.noise_ceiling:5.2f} {_fmt(c0.wall_time_s, '7.2f'):>7}  {verdict}")
         last_setting = setting

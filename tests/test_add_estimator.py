@@ -1,0 +1,81 @@
+"""The README's "Add your estimator" walkthrough, executed as written: the estimator file copied
+out of README.md, `influence-bench score` from the folder holding it, and registration of a
+separately pip-installed package through the entry-point group."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _readme_estimator_file() -> str:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# estimators/my_estimator\.py\n.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "README.md must hold exactly one `# estimators/my_estimator.py` block"
+    return blocks[0]
+
+
+def _cli(*args: str, cwd: Path, extra_path: str = "") -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (extra_path, str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "influence_bench.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_readme_walkthrough_scores_the_new_estimator_next_to_the_builtins(tmp_path):
+    (tmp_path / "estimators").mkdir()
+    (tmp_path / "estimators" / "my_estimator.py").write_text(_readme_estimator_file())
+    listed = _cli("list", "estimators", cwd=tmp_path)
+    assert listed.returncode == 0 and "my-estimator" in listed.stdout, listed.stdout + listed.stderr
+
+    res = _cli("score", "my-estimator", "--settings", "iris-logreg-wd1e-3", "--results-dir",
+               str(tmp_path / "results"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if "loo-fixed" in line or "loo-topk" in line]
+    mine = [r for r in rows if " my-estimator " in r]
+    assert len(mine) == 2 and all("pass" in r for r in mine), res.stdout
+    # the built-ins' rows come from the committed baseline, for the same setting
+    assert any(" exact " in r for r in rows) and "from the baseline" in res.stdout, res.stdout
+    assert list((tmp_path / "results" / "runs").glob("run-*.json"))
+
+
+def test_estimator_from_a_pip_installed_package_is_listed(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "ib_example_plugin").mkdir(parents=True)
+    (pkg / "ib_example_plugin" / "__init__.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from influence_bench import Estimator
+
+
+        @dataclass
+        class ScaledGradientDot(Estimator):
+            name = "example-entry-point"
+            tags = frozenset({"gradient-only"})
+
+            def influence(self, ctx):
+                return ctx.test_grads() @ ctx.train_grads().T / ctx.n_train
+    '''))
+    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "ib-example-plugin"
+        version = "0.0.1"
+
+        [project.entry-points."influence_bench.estimators"]
+        example-entry-point = "ib_example_plugin:ScaledGradientDot"
+    '''))
+    site = tmp_path / "site"
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(site), str(pkg)], capture_output=True, text=True, timeout=600)
+    assert inst.returncode == 0, inst.stdout + inst.stderr
+    res = _cli("list", "estimators", cwd=tmp_path, extra_path=str(site))
+    assert res.returncode == 0 and "example-entry-point" in res.stdout, res.stdout + res.stderr
+    without = _cli("list", "estimators", cwd=tmp_path)  # not installed: not listed
+    assert "example-entry-point" not in without.stdout
