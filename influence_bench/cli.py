@@ -67,6 +67,18 @@ def _score(args) -> int:
     return 1 if failures or any(c.status == "error" for c in cases) else 0
 
 
+def _data(args) -> int:
+    from .dataprep import prepare
+
+    try:
+        path = prepare(args.name, Path(args.root) if args.root else None)
+    except (RuntimeError, OSError) as exc:  # no network, torchvision refusing a corrupt copy, ...
+        print(f"influence-bench: could not prepare {args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="influence-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
     sc.set_defaults(func=_score)
+
+    da = sub.add_parser("data", help="datasets: `data prepare NAME` downloads through torchvision -> <root>/NAME.npz")
+    da.add_argument("action", choices=["prepare"])
+    da.add_argument("name", choices=["mnist", "cifar10"])
+    da.add_argument("--root", default=None, help="data root (default: $INFLUENCE_BENCH_DATA or the user cache)")
+    da.set_defaults(func=_data)
     return p
 
 
