@@ -16,6 +16,7 @@ from .context import Context, get_context
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth
 from .registry import REGISTRY
+from .setting_info import setting_info
 from .settings import Setting
 
 PROTOCOLS = ("loo-fixed", "loo-topk")
@@ -133,16 +134,18 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     except EstimatorError as exc:
         return [Case(protocol=p, metric=m, status="error", message=str(exc), **base)
                 for p in protocols for m in metrics.METRICS]
+    compared = {p: compare(influence, ctx, p, store) for p in protocols}
+    info = setting_info(ctx)  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:
-        predicted, actual = compare(influence, ctx, p, store)
+        predicted, actual = compared[p]
         for m, fn in metrics.METRICS.items():
             agg = metrics.aggregate(fn(predicted, actual))
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
                               wall_time_s=seconds, peak_memory_mb=_peak_rss_mb(),
-                              diagnostics=_jsonable(dict(est.diagnostics)), **base))
+                              diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
     return cases
 
 
