@@ -11,6 +11,7 @@ functionally and ``vmap`` over samples (no batch-coupled state).
   61,706 parameters on MNIST, 62,006 on CIFAR-10.
 * ``resnet18`` / ``vgg13`` — torchvision's models adapted to 32x32 inputs (3x3 stride-1 stem and no
   max-pool for ResNet; global average pooling and one linear classifier for VGG-13-BN).
+* ``resnet50`` — torchvision's ResNet-50 as is, for ImageNet-layout data.
 
 BatchNorm treatment (ResNet, VGG): the models are kept in eval mode with their running statistics
 frozen at initialisation (mean 0, variance 1), so each BatchNorm is a learnable per-channel affine
@@ -83,6 +84,16 @@ def vgg13_32(in_channels: int, n_out: int) -> nn.Module:
     return m
 
 
+def resnet50(in_channels: int, n_out: int) -> nn.Module:
+    """torchvision's ResNet-50 unchanged (ImageNet stem), ``n_out`` classes; frozen BatchNorm."""
+    from torchvision.models import resnet50 as tv_resnet50
+
+    m = tv_resnet50(weights=None, num_classes=n_out)
+    if in_channels != 3:
+        m.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return m
+
+
 def build_cnn(family: str, in_shape: tuple[int, ...], n_out: int, width: int = 0) -> nn.Module:
     """The module of a convolutional ``family`` for inputs of shape ``in_shape`` = (C, H, W)."""
     if len(in_shape) != 3:
@@ -97,7 +108,9 @@ def build_cnn(family: str, in_shape: tuple[int, ...], n_out: int, width: int = 0
         return resnet18_32(c, n_out)
     if family == "vgg13":
         return vgg13_32(c, n_out)
+    if family == "resnet50":
+        return resnet50(c, n_out)
     raise ValueError(f"unknown convolutional family {family!r}")
 
 
-CNN_FAMILIES = ("cnn", "lenet5", "resnet18", "vgg13")
+CNN_FAMILIES = ("cnn", "lenet5", "resnet18", "vgg13", "resnet50")

@@ -162,13 +162,41 @@ def load_cifar10(spec: DataSpec, root: Path | None = None) -> Dataset:
     return _tensors(x_tr, y_all[tr], x_te, y_all[te], 10, source)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_imagefolder(spec: DataSpec, root: Path | None = None) -> Dataset:
+    """Images in torchvision's ImageFolder layout at ``<root>/<name>/train/<class>/<image>``
+    (ImageNet: ``<root>/imagenet/train/nXXXXXXXX/*.JPEG``): a stratified seeded subset of the
+    training images split into train/test, resized and centre-cropped to ``image_size`` (224 if
+    0), standardised with the usual ImageNet channel statistics, as ``[n, 3, S, S]``. Only the
+    chosen images are decoded."""
+    root = Path(root) if root is not None else data_dir()
+    folder = root / spec.name / "train"
+    if not folder.is_dir():
+        raise DataUnavailable(
+            f"{spec.name} not found: looked for torchvision's ImageFolder layout at {folder} "
+            f"(<class>/<image> below it). Put the {spec.name} training images there (for ImageNet: "
+            "the ILSVRC-2012 train set, one folder per wnid), or set INFLUENCE_BENCH_DATA.")
+    from torchvision import datasets, transforms
+
+    size = spec.image_size or 224
+    tf = transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ds = datasets.ImageFolder(str(folder), transform=tf)
+    y_all = np.asarray(ds.targets, dtype=np.int64)
+    tr, te = subset_of_train_split(y_all, spec)
+    x = lambda idx: np.stack([ds[int(i)][0].numpy() for i in idx]).astype(np.float64)  # noqa: E731
+    return _tensors(x(tr), y_all[tr], x(te), y_all[te], len(ds.classes), f"imagefolder:{folder}")
+
+
 def _tensors(xtr, ytr, xte, yte, n_classes, source: str = "") -> Dataset:
     f = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
     g = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
     return Dataset(f(xtr), g(ytr), f(xte), g(yte), n_classes, source)
 
 
-LOADERS = {"iris": load_iris, "mnist": load_mnist, "cifar10": load_cifar10}
+LOADERS = {"iris": load_iris, "mnist": load_mnist, "cifar10": load_cifar10, "imagenet": load_imagefolder}
 
 
 def load(spec: DataSpec) -> Dataset:

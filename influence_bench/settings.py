@@ -21,14 +21,16 @@ class DataSpec:
     """Which dataset, how much of it, and the seed of the (stratified) subset and split.
 
     ``layout``: ``flat`` gives ``[n, features]`` rows (logreg, MLPs), ``image`` gives ``[n, C, H, W]``
-    (CNNs) of the same standardised pixels.
+    (CNNs) of the same standardised pixels. ``image_size``: side length images are resized and
+    centre-cropped to (ImageFolder datasets; 0 = 224).
     """
 
-    name: Literal["iris", "mnist", "cifar10"]
+    name: Literal["iris", "mnist", "cifar10", "imagenet"]
     n_train: int
     n_test: int
     split_seed: int = 0
     layout: Literal["flat", "image"] = "flat"
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,9 @@ class ModelSpec:
     """``logreg`` (multinomial logistic regression), ``mlp`` (``depth`` hidden layers of ``width``),
     ``linear`` (a linear map; with ``loss="mse"`` that is ridge regression), or a convolutional
     family of ``cnn.py``: ``cnn`` (Koh & Liang's all-conv net, ``width`` channels, 0 = 8),
-    ``lenet5``, ``resnet18``, ``vgg13`` (image inputs)."""
+    ``lenet5``, ``resnet18``, ``vgg13`` (32x32 stems), ``resnet50`` (torchvision's, ImageNet stem)."""
 
-    family: Literal["logreg", "mlp", "linear", "cnn", "lenet5", "resnet18", "vgg13"]
+    family: Literal["logreg", "mlp", "linear", "cnn", "lenet5", "resnet18", "vgg13", "resnet50"]
     depth: int = 0
     width: int = 0
     activation: Literal["tanh"] = "tanh"
@@ -105,7 +107,7 @@ class ProtocolSpec:
 
 # Fields added after the first settings shipped: left out of the hash at their default value, so
 # the ids, hashes and cached ground truth of existing settings stay valid.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {("data", "layout"): "flat"}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {("data", "layout"): "flat", ("data", "image_size"): 0}
 
 
 @dataclass(frozen=True)
