@@ -6,12 +6,16 @@ Computed once per context and attached to each case as ``diagnostics["setting_in
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from .context import Context
 from .groundtruth.engine import EXPLICIT_HESSIAN_MAX, preconditioner
+from .paths import write_json
+from .training import model_cache_path
 
 # Up to DENSE_EIG_MAX parameters all eigenvalues come from the explicit Hessian (eigvalsh,
 # seconds). Up to the engine's EXPLICIT_HESSIAN_MAX the Hessian and ground truth's factorisation
@@ -71,13 +75,21 @@ def _lanczos(apply, ctx: Context, v0: np.ndarray, k: int, out: dict, which: str 
     return np.sort(np.asarray(vals, dtype=np.float64)).tolist()
 
 
-def setting_info(ctx: Context) -> dict:
-    """JSON-ready facts about ``ctx``'s setting (memoised on the context)."""
+def setting_info(ctx: Context, use_cache: bool = True) -> dict:
+    """JSON-ready facts about ``ctx``'s setting (memoised on the context, and on disk beside the
+    trained model, since they depend on theta* only)."""
+    path = model_cache_path(ctx.setting).with_suffix(".info.json")
+
     def make():
-        return {
+        if use_cache and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass  # unreadable: recompute and overwrite
+        info = {
             "n_params": ctx.n_params,
             "n_train": ctx.n_train,
-            "train_grad_norm": float(ctx.train_grad_norm),
+            "train_grad_norm": float(ctx.train_grad_norm) if np.isfinite(ctx.train_grad_norm) else None,
             "hessian_eigenvalues": hessian_extremes(ctx),
             # select_test_points' order: highest loss, median loss (unless the same point), random
             "test_points": {"highest_loss": int(ctx.test_idx[0]),
@@ -85,5 +97,8 @@ def setting_info(ctx: Context) -> dict:
                             "random": [int(i) for i in ctx.test_idx[2:]]},
             "data_source": ctx.data.source,
         }
+        if use_cache:
+            write_json(path, info)
+        return info
 
     return ctx._memo("setting_info", make)

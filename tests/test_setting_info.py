@@ -10,6 +10,7 @@ from influence_bench import catalog, setting_info as si
 from influence_bench.context import get_context
 from influence_bench.groundtruth import GroundTruthStore
 from influence_bench.runner import evaluate
+from influence_bench.training import model_cache_path
 
 
 @pytest.mark.parametrize("route", ["explicit-hessian", "hvp"])
@@ -41,3 +42,5 @@ def test_cases_carry_setting_info(tmp_path):
     assert info["n_params"] == 15 and info["train_grad_norm"] < 1e-9
     assert cases[0].diagnostics["solver"] == "cholesky"  # the estimator's own diagnostics stay
     json.dumps(cases[0].to_json(), allow_nan=False)
+    stored = json.loads(model_cache_path(setting).with_suffix(".info.json").read_text())
+    assert stored == info  # kept beside theta*: a later run with shipped ground truth reads it
