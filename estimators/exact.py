@@ -2,7 +2,9 @@
 
 ``I[j, i] = (1/n) g_j^T (H + damping I)^-1 g_i`` with ``H`` the Hessian of the mean training loss
 including weight decay. Solved by Cholesky when ``H + damping I`` is positive definite, else by LU
-(an indefinite Hessian at a saddle is reported in the diagnostics).
+(an indefinite Hessian at a saddle is reported in the diagnostics), and by the pseudo-inverse when
+``H`` is singular: without weight decay the softmax's shift invariance (and, on separable data, a
+saturated net) leaves exact null directions, which per-sample gradients do not enter.
 """
 
 from dataclasses import dataclass
@@ -36,6 +38,10 @@ class Exact(Estimator):
             solved = torch.cholesky_solve(g_test.T, L).T  # H^-1 g_j, [n_test, P]
             self.diagnostics["solver"] = "cholesky"
         else:
-            solved = torch.linalg.solve(H, g_test.T).T
-            self.diagnostics["solver"] = "lu (Hessian not positive definite)"
+            try:
+                solved = torch.linalg.solve(H, g_test.T).T
+                self.diagnostics["solver"] = "lu (Hessian not positive definite)"
+            except torch.linalg.LinAlgError:
+                solved = (torch.linalg.pinv(H, hermitian=True) @ g_test.T).T
+                self.diagnostics["solver"] = "pinv (Hessian singular)"
         return solved @ g_train.T / ctx.n_train

@@ -150,6 +150,16 @@ def _report(args) -> int:
         return 2
     page = write_report(runs, Path(args.out))
     print(f"report written to {page}")
+
+def _data(args) -> int:
+    from .dataprep import prepare
+
+    try:
+        path = prepare(args.name, Path(args.root) if args.root else None)
+    except (RuntimeError, OSError) as exc:  # no network, torchvision refusing a corrupt copy, ...
+        print(f"influence-bench: could not prepare {args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
     return 0
 
 
@@ -201,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--results-dir", default="results")
     rp.set_defaults(func=_report)
+
+    da = sub.add_parser("data", help="datasets: `data prepare NAME` downloads through torchvision -> <root>/NAME.npz")
+    da.add_argument("action", choices=["prepare"])
+    da.add_argument("name", choices=["mnist", "cifar10"])
+    da.add_argument("--root", default=None, help="data root (default: $INFLUENCE_BENCH_DATA or the user cache)")
+    da.set_defaults(func=_data)
     return p
 
 

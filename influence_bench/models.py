@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .cnn import CNN_FAMILIES, build_cnn
 from .settings import ModelSpec
 
 
@@ -30,9 +31,13 @@ def mlp(n_in: int, n_out: int, depth: int, width: int, activation: str = "tanh")
     return nn.Sequential(*layers)
 
 
-def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.float64) -> nn.Module:
-    """Build the model with a seeded initialisation (PyTorch's default init, own generator)."""
-    if spec.family == "logreg":
+def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.float64,
+                in_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """Build the model with a seeded initialisation (PyTorch's default init distribution, own
+    generator). Convolutional families need ``in_shape`` = (C, H, W) of one input."""
+    if spec.family in CNN_FAMILIES:
+        model: nn.Module = build_cnn(spec.family, tuple(in_shape or (n_in,)), n_out, spec.width)
+    elif spec.family == "logreg":
         model: nn.Module = LogisticRegression(n_in, n_out)
     elif spec.family == "linear":
         model = nn.Linear(n_in, n_out)
@@ -42,7 +47,7 @@ def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.f
         model = mlp(n_in, n_out, spec.depth, spec.width, spec.activation)
     else:
         raise ValueError(f"unknown model family {spec.family!r}")
-    model = model.to(dtype)
+    model = model.to(dtype).eval()  # eval: BatchNorm uses (frozen) running statistics, see cnn.py
     model.loss_name = spec.loss  # read by FlatModel: which per-sample loss the model is trained on
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -51,6 +56,11 @@ def build_model(spec: ModelSpec, n_in: int, n_out: int, seed: int, dtype=torch.f
                 bound = 1.0 / math.sqrt(m.in_features)
                 m.weight.uniform_(-bound, bound, generator=gen)
                 m.bias.uniform_(-bound, bound, generator=gen)
+            elif isinstance(m, nn.Conv2d):  # PyTorch's default: U(+-1/sqrt(fan_in)) for both
+                bound = 1.0 / math.sqrt(m.weight[0].numel())
+                m.weight.uniform_(-bound, bound, generator=gen)
+                if m.bias is not None:
+                    m.bias.uniform_(-bound, bound, generator=gen)
     return model
 
 

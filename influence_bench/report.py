@@ -37,7 +37,13 @@ class Point:
 
     @property
     def top_eigenvalue(self) -> float | None:
-        for src in (self.case.diagnostics, self.case.setting_info):
+        # the runner's record: diagnostics.setting_info.hessian_eigenvalues.top (setting_info.py)
+        info = self.case.diagnostics.get("setting_info") if isinstance(self.case.diagnostics, dict) else None
+        ev = info.get("hessian_eigenvalues") if isinstance(info, dict) else None
+        top = ev.get("top") if isinstance(ev, dict) else None
+        if isinstance(top, list) and top and isinstance(top[0], (int, float)):
+            return float(top[0])
+        for src in (self.case.diagnostics, self.case.setting_info):  # older / hand-made run files
             curv = src.get("curvature") if isinstance(src, dict) else None
             if isinstance(curv, dict) and isinstance(curv.get("top_eigenvalue"), (int, float)):
                 return float(curv["top_eigenvalue"])

@@ -14,7 +14,9 @@ from .measure import Measurement, measure
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from .groundtruth import GroundTruthStore, ground_truth, lds, lds_ground_truth, store_key
 from .registry import REGISTRY
-from .schema import Case, setting_info  # noqa: F401  (Case: the result record, re-exported here)
+from .schema import Case  # noqa: F401  (Case: the result record, re-exported here)
+from .schema import setting_info as setting_shape
+from .setting_info import setting_info
 from .settings import Setting
 
 # Run by default. "lds" is available on request (``protocols=`` / ``--protocol``): on Iris logistic
@@ -85,7 +87,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_info(setting))
+                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting))
     ctx = get_context(setting, device)
     base["device"] = str(ctx.device)
     try:
@@ -96,9 +98,11 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     except EstimatorError as exc:
         return [Case(protocol=p, metric=m, status="error", message=str(exc), **base)
                 for p in protocols for m in metrics.METRICS]
+    compared = {p: compare(influence, ctx, p, store) for p in protocols}
+    info = setting_info(ctx)  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:
-        predicted, actual = compare(influence, ctx, p, store)
+        predicted, actual = compared[p]
         ceiling = ground_truth_ceiling(ctx, p, store)
         for m, fn in metrics.METRICS.items():
             agg = metrics.aggregate(fn(predicted, actual))
@@ -107,7 +111,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
                               noise_ceiling=ceiling, wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
-                              diagnostics=_jsonable(dict(est.diagnostics)), **base))
+                              diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
     return cases
 
 

@@ -18,20 +18,29 @@ TIERS: tuple[str, ...] = ("smoke", "standard", "paper")
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Which dataset, how much of it, and the seed of the (stratified) subset and split."""
+    """Which dataset, how much of it, and the seed of the (stratified) subset and split.
 
-    name: Literal["iris", "mnist"]
+    ``layout``: ``flat`` gives ``[n, features]`` rows (logreg, MLPs), ``image`` gives ``[n, C, H, W]``
+    (CNNs) of the same standardised pixels. ``image_size``: side length images are resized and
+    centre-cropped to (ImageFolder datasets; 0 = 224).
+    """
+
+    name: Literal["iris", "mnist", "cifar10", "imagenet"]
     n_train: int
     n_test: int
     split_seed: int = 0
+    layout: Literal["flat", "image"] = "flat"
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``logreg`` (multinomial logistic regression), ``mlp`` (``depth`` hidden layers of ``width``)
-    or ``linear`` (a linear map; with ``loss="mse"`` that is ridge regression)."""
+    """``logreg`` (multinomial logistic regression), ``mlp`` (``depth`` hidden layers of ``width``),
+    ``linear`` (a linear map; with ``loss="mse"`` that is ridge regression), or a convolutional
+    family of ``cnn.py``: ``cnn`` (Koh & Liang's all-conv net, ``width`` channels, 0 = 8),
+    ``lenet5``, ``resnet18``, ``vgg13`` (32x32 stems), ``resnet50`` (torchvision's, ImageNet stem)."""
 
-    family: Literal["logreg", "mlp", "linear"]
+    family: Literal["logreg", "mlp", "linear", "cnn", "lenet5", "resnet18", "vgg13", "resnet50"]
     depth: int = 0
     width: int = 0
     activation: Literal["tanh"] = "tanh"
@@ -96,6 +105,11 @@ class ProtocolSpec:
     topk: int = 40
 
 
+# Fields added after the first settings shipped: left out of the hash at their default value, so
+# the ids, hashes and cached ground truth of existing settings stay valid.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {("data", "layout"): "flat", ("data", "image_size"): 0}
+
+
 @dataclass(frozen=True)
 class Setting:
     id: str
@@ -112,6 +126,9 @@ class Setting:
     def spec_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("description")
+        for (part, key), default in HASH_NEUTRAL_DEFAULTS.items():
+            if d[part][key] == default:
+                del d[part][key]
         return d
 
     @property
@@ -139,6 +156,10 @@ def make_id(dataset: str, model: ModelSpec, weight_decay: float) -> str:
         shape = "logreg"
     elif model.family == "linear":
         shape = "ridge" if model.loss == "mse" else "linear"
-    else:
+    elif model.family == "mlp":
         shape = f"mlp-d{model.depth}-w{model.width}"
+    elif model.family == "cnn" and model.width not in (0, 8):
+        shape = f"cnn-w{model.width}"
+    else:
+        shape = model.family
     return f"{dataset}-{shape}-wd{format_wd(weight_decay)}"

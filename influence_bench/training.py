@@ -233,7 +233,8 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
 def train(setting: Setting, data: Dataset, device: str = "cpu", use_cache: bool = True) -> Trained:
     """theta* for ``setting``: loaded from the cache if present, else trained and stored."""
     dtype = DTYPES[setting.train.dtype]
-    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype).to(device)
+    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype,
+                         in_shape=tuple(data.x_train.shape[1:])).to(device)
     fm = FlatModel(module)
     path = model_cache_path(setting)
     if use_cache and path.is_file():

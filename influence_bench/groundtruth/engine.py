@@ -24,9 +24,16 @@ NOISE_CEILING = 1.0
 CEILING_METHOD = "deterministic"
 
 
+# Above this many parameters the explicit Hessian (P^2 floats) is not formed: retraining runs
+# Newton-CG without a preconditioner (more CG iterations per step for the same accuracy).
+EXPLICIT_HESSIAN_MAX = 12_000
+
+
 def preconditioner(ctx: Context) -> Preconditioner:
-    return ctx._memo(("gt-precond", ctx.setting.ground_truth.damping),
-                     lambda: Preconditioner.from_hessian(ctx.hessian(), ctx.setting.ground_truth.damping))
+    damping = ctx.setting.ground_truth.damping
+    if ctx.n_params > EXPLICIT_HESSIAN_MAX:
+        return Preconditioner.identity(damping)
+    return ctx._memo(("gt-precond", damping), lambda: Preconditioner.from_hessian(ctx.hessian(), damping))
 
 
 def removal_weights(n: int, removed: np.ndarray, dtype, device) -> torch.Tensor:
