@@ -37,7 +37,7 @@ def _setting(dataset_label: str, data: DataSpec, model: ModelSpec, wd: float, ti
 
 # The Iris grid (Basu et al. Sec. 4): a depth sweep at width 16 and a width sweep at depth 2, each
 # at weight decay 1e-3, 0 and 1e-2. `smoke` runs on every CI on 2 cores with every estimator, so
-# it holds the full depth sweep at 1e-3 plus a few no-decay and width points; the rest of the grid
+# it holds the full depth sweep at 1e-3 plus a few width and weight-decay points; the rest of the grid
 # is `standard`. Measured (pytest, `exact`, fresh cache, training + ground truth, shared 2 cores):
 # d2-w8 6 s, d2-w32 23 s, d1/d2/d4 without decay 3 / 5 / 8 s; the existing depth sweep 7-59 s.
 IRIS_DEPTHS = (1, 2, 3, 4, 6, 8)
@@ -45,8 +45,11 @@ IRIS_WIDTHS = (8, 16, 32, 50)
 IRIS_WEIGHT_DECAYS = (1e-3, 0.0, 1e-2)
 # Width 50 is `standard`: 54 s training + 94 s ground truth on the shared 2 cores, alone more than
 # the whole depth sweep, and it stops at ||grad|| 4e-6 with two negative Hessian eigenvalues.
+# Weight decay on/off is in smoke at depth 4 only (0 and 1e-3; 1e-2 is `standard`, as issue 4 asks): without decay the nets saturate
+# and most test points have exactly zero loss change, so their correlations are undefined (d1 and
+# d2 at wd 0 are scored on 1 of 10 test points, d4 on 9); d1/d2 without decay are `standard`.
 IRIS_SMOKE = {(d, 16, 1e-3) for d in IRIS_DEPTHS} | {(2, w, 1e-3) for w in (8, 32)} \
-    | {(d, 16, 0.0) for d in (1, 2, 4)}
+    | {(4, 16, 0.0)}
 
 
 def _iris_grid() -> list[Setting]:

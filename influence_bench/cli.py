@@ -150,6 +150,8 @@ def _report(args) -> int:
         return 2
     page = write_report(runs, Path(args.out))
     print(f"report written to {page}")
+    return 0
+
 
 def _data(args) -> int:
     from .dataprep import prepare
