@@ -11,7 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+# 20 distinct colours (tab20's dark shades first, then its light ones): the 13 built-in estimators
+# and a few plug-ins never share a colour, as they did with the 10-colour default cycle.
+_TAB20 = plt.get_cmap("tab20").colors
+COLORS = [_TAB20[i] for i in range(0, 20, 2)] + [_TAB20[i] for i in range(1, 20, 2)]
 CEILING = dict(color="0.35", linestyle="--", linewidth=1.2)
 
 
@@ -188,7 +191,7 @@ def spread(points, path: Path):
         ax.set_ylabel("Spearman per test point")
         ax.set_title(f"Spread across test points ({proto})")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save(fig, path)
     return None
@@ -254,7 +257,7 @@ def time_vs_fidelity(points, path: Path):
         ax.set(xlabel="estimator wall time per setting (s, log)", ylabel="mean spearman (95% CI)",
                title=f"Cost vs fidelity ({proto})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save(fig, path)
     return None
