@@ -165,6 +165,35 @@ def _data(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .bench_gt import bench_ground_truth, format_bench
+    from .context import get_context
+    from .data import DataUnavailable
+    from .runner import fixed_removals
+
+    try:
+        ctx = get_context(catalog.get_setting(args.setting), args.device)
+    except (KeyError, DataUnavailable) as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    removed = fixed_removals(ctx)
+    if args.n is not None:
+        removed = removed[:args.n]
+    r = bench_ground_truth(ctx, np.asarray(removed))
+    print(format_bench(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r.to_json(), indent=2))
+    tol = args.rtol * max(r.max_abs_delta, 1e-300)
+    if r.max_abs_diff > tol:
+        print(f"FAIL: batched and sequential retraining disagree by {r.max_abs_diff:.3g} > {tol:.3g}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="influence-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--results-dir", default="results")
     rp.set_defaults(func=_report)
+
+    be = sub.add_parser("bench", help="benchmarks: `bench ground-truth SETTING` (batched engine vs sequential loop)")
+    be.add_argument("what", choices=["ground-truth"])
+    be.add_argument("setting", metavar="SETTING")
+    be.add_argument("--n", type=int, default=None, help="first N removals of the loo-fixed set (default: all)")
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--rtol", type=float, default=1e-6,
+                    help="largest disagreement allowed, relative to the largest |delta| (default 1e-6)")
+    be.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    be.set_defaults(func=_bench)
 
     da = sub.add_parser("data", help="datasets: `data prepare NAME` downloads through torchvision -> <root>/NAME.npz")
     da.add_argument("action", choices=["prepare"])
