@@ -129,6 +129,8 @@ def _baseline(args) -> int:
         for r in runs:
             cases.update({(c.estimator, c.setting, c.protocol, c.mode, c.metric): c for c in r.cases})
         merged.cases = list(cases.values())
+    for c in merged.cases:  # a gate needs values and CIs; long traces (residual histories) stay in the runs
+        c.diagnostics = {k: v for k, v in c.diagnostics.items() if not (isinstance(v, list) and len(v) > 32)}
     merged.extra = {**merged.extra, "baseline_of": [Path(p).name for p in args.runs]}
     path = write_run_obj(Path(args.out), merged)
     print(f"baseline written to {path} ({len(merged.cases)} cases from {len(runs)} run file(s))")
