@@ -33,6 +33,13 @@ def _errbar(ax, xs, pts, **kw):
     ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, marker="o", markersize=4, **kw)
 
 
+def _figure_legend(fig, ax) -> None:
+    """One legend for the whole figure, right of the axes (never over the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+
+
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -79,10 +86,10 @@ def vs_shape(points, path: Path, axis: str):
             ax.set_xticklabels([str(x) for x in sorted({p.shape[axis] for p in mlp})])
             ax.axhline(0, color="0.8", linewidth=0.8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="best")
     only = f": {_group_label(next(iter(groups.values()))[0].shape, axis)}" if len(groups) == 1 else ""
     fig.suptitle(f"Fidelity vs {axis}{only} (leave-one-out ground truth)")
     fig.tight_layout()
+    _figure_legend(fig, axes[0][0])
     _save(fig, path)
     return None
 
@@ -111,19 +118,21 @@ def weight_decay(points, path: Path):
                           and (p.shape["weight_decay"] > 0) == on]
                     if not ep:
                         continue
-                    x = i + (j - (len(ests) - 1) / 2) * 0.25 + (0.06 if on else -0.06)
+                    step = 0.8 / max(len(ests), 1)  # the estimators side by side within +-0.4 of the pair
+                    x = i + (j - (len(ests) - 1) / 2) * step + (0.2 if on else -0.2) * step
                     _errbar(ax, [x], ep[:1], color=colors[est], linestyle="none",
                             markerfacecolor=colors[est] if on else "white",
-                            label=f"{est}, wd {'on' if on else 'off'}" if i == 0 else None)
+                            label=est if i == 0 and on else None)
         ax.axhline(min(p.noise_ceiling for v in pairs.values() for p in v), **CEILING, label="noise ceiling")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("mean spearman (95% CI)")
         ax.set_title(proto)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Weight decay on (filled) vs off (hollow)")
+    fig.suptitle("Weight decay on (filled, right of each pair) vs off (hollow, left)")
     fig.tight_layout()
+    _figure_legend(fig, axes[0][0])
     _save(fig, path)
     return None
 
