@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
+from influence_bench.curvature import solve_rows
 
 
 @register
@@ -33,15 +34,5 @@ class Exact(Estimator):
         if self.damping:
             H = H + self.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         g_test, g_train = ctx.test_grads(), ctx.train_grads()
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(g_test.T, L).T  # H^-1 g_j, [n_test, P]
-            self.diagnostics["solver"] = "cholesky"
-        else:
-            try:
-                solved = torch.linalg.solve(H, g_test.T).T
-                self.diagnostics["solver"] = "lu (Hessian not positive definite)"
-            except torch.linalg.LinAlgError:
-                solved = (torch.linalg.pinv(H, hermitian=True) @ g_test.T).T
-                self.diagnostics["solver"] = "pinv (Hessian singular)"
+        solved, self.diagnostics["solver"] = solve_rows(H, g_test)  # H^-1 g_j, [n_test, P]
         return solved @ g_train.T / ctx.n_train

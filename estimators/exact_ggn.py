@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
+from influence_bench.curvature import solve_rows
 
 
 @register
@@ -47,11 +48,6 @@ class ExactGGN(Estimator):
             self.diagnostics["eig_min"] = float(ev[0])
             self.diagnostics["eig_max"] = float(ev[-1])
         g_test, g_train = ctx.test_grads(), ctx.train_grads()
-        L, info = torch.linalg.cholesky_ex(G)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(g_test.T, L).T  # G^-1 g_j, [n_test, P]
-            self.diagnostics["solver"] = "cholesky"
-        else:  # only without weight decay and damping: G is then merely semi-definite
-            solved = (torch.linalg.pinv(G, hermitian=True) @ g_test.T).T
-            self.diagnostics["solver"] = "pseudo-inverse (G singular: no weight decay or damping)"
+        # G is positive semi-definite: singular only without weight decay and damping
+        solved, self.diagnostics["solver"] = solve_rows(G, g_test, semidefinite=True)
         return solved @ g_train.T / ctx.n_train

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
+from influence_bench.curvature import solve_rows
 from influence_bench.kfac import factored_dot, final_features, output_hessian, output_loss_grad
 
 
@@ -52,13 +53,7 @@ class LastLayer(Estimator):
         d_train = output_loss_grad(ctx.fm.loss, out, ctx.y_train)  # [n, C]
         d_test = output_loss_grad(ctx.fm.loss, out_test, ctx.y_test)
         g_test = (d_test[:, :, None] * h_test[:, None, :]).reshape(ctx.n_test, -1)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(g_test.T, L).T
-            self.diagnostics["solver"] = "cholesky"
-        else:
-            solved = torch.linalg.solve(H, g_test.T).T
-            self.diagnostics["solver"] = "lu (block not positive definite)"
+        solved, self.diagnostics["solver"] = solve_rows(H, g_test)
         self.diagnostics.update({"layer": layer.name or "<model>", "layer_params": layer.n_params,
                                  "fraction_of_params": layer.n_params / ctx.n_params})
         solved = solved.reshape(ctx.n_test, C, A)

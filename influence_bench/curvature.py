@@ -87,6 +87,22 @@ def _softmax_linear_hessian(fm: FlatModel, theta, x, weight_decay: float) -> tor
     return H
 
 
+def solve_rows(M: torch.Tensor, rows: torch.Tensor, semidefinite: bool = False) -> tuple[torch.Tensor, str]:
+    """``(X, solver)`` with ``X[j] = M^-1 rows[j]`` for a symmetric ``M``: Cholesky when ``M`` is positive
+    definite; otherwise the pseudo-inverse for a matrix known to be semi-definite (a GGN without
+    weight decay), else LU (an indefinite Hessian at a saddle), and the pseudo-inverse if LU fails
+    (exactly singular). ``solver`` says which was used, for the estimator's diagnostics."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(rows.T, L).T, "cholesky"
+    if not semidefinite:
+        try:
+            return torch.linalg.solve(M, rows.T).T, "lu (not positive definite)"
+        except torch.linalg.LinAlgError:
+            pass
+    return (torch.linalg.pinv(M, hermitian=True) @ rows.T).T, "pseudo-inverse (singular)"
+
+
 def top_eigenvalues(H: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(largest k, smallest k) eigenvalues of a symmetric matrix."""
     ev = torch.linalg.eigvalsh(H)
