@@ -42,3 +42,37 @@ def ridge_closed_form(ctx):
         th_i = torch.linalg.solve(Hi, (X.T @ y - X[i] * y[i]) / n)
         loo.append(loss(th_i) - loss(theta))
     return theta, H, influence, torch.stack(loo)  # loo: [n, all test]
+
+
+def scipy_logreg_test_losses(ctx, weights: np.ndarray) -> np.ndarray:
+    """Independent reference for convex ground truth: softmax regression (3 classes, 4 features + bias)
+    refit from zero by scipy's BFGS on a numpy objective with per-point ``weights`` (0 = left out,
+    1/n kept, weight decay on all), then every test point's loss. ``weights`` is ``[k, n]``."""
+    import scipy.optimize
+
+    X = np.c_[ctx.x_train.numpy(), np.ones(ctx.n_train)]
+    Y = np.eye(3)[ctx.y_train.numpy()]
+    Xt = np.c_[ctx.data.x_test.numpy(), np.ones(len(ctx.data.x_test))]
+    yt = ctx.data.y_test.numpy()
+    wd, n = ctx.weight_decay, ctx.n_train
+
+    def fit(w):
+        def f(flat):
+            Wb = flat.reshape(3, 5)
+            z = X @ Wb.T
+            z = z - z.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            val = -(w * (Y * logp).sum(1)).sum() / n + 0.5 * wd * (flat ** 2).sum()
+            g = ((np.exp(logp) - Y) * w[:, None]).T @ X / n + wd * Wb
+            return val, g.ravel()
+
+        res = scipy.optimize.minimize(f, np.zeros(15), jac=True, method="BFGS",
+                                      options={"gtol": 1e-12, "maxiter": 10_000})
+        return res.x.reshape(3, 5)
+
+    def test_loss(Wb):
+        z = Xt @ Wb.T
+        z = z - z.max(1, keepdims=True)
+        return -(z[np.arange(len(yt)), yt] - np.log(np.exp(z).sum(1)))
+
+    return np.array([test_loss(fit(np.asarray(w, dtype=float))) for w in np.atleast_2d(weights)])

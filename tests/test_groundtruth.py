@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 
+from helpers import scipy_logreg_test_losses
 from influence_bench import catalog
 from influence_bench.context import get_context
 from influence_bench.groundtruth import GroundTruthStore, engine, ground_truth
@@ -32,37 +32,12 @@ def test_batched_retraining_equals_sequential_loop(iris_mlp):
 def test_convex_ground_truth_equals_independent_scipy_retraining(iris_logreg):
     """Retrain from scratch with scipy's BFGS on a numpy objective: the exact LOO optimum."""
     ctx = iris_logreg
-    X = np.c_[ctx.x_train.numpy(), np.ones(ctx.n_train)]
-    Y = np.eye(3)[ctx.y_train.numpy()]
-    Xt = np.c_[ctx.data.x_test.numpy(), np.ones(len(ctx.data.x_test))]
-    yt = ctx.data.y_test.numpy()
-    wd, n = ctx.weight_decay, ctx.n_train
-
-    def fit(w):
-        def f(flat):
-            Wb = flat.reshape(3, 5)
-            z = X @ Wb.T
-            z = z - z.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            val = -(w * (Y * logp).sum(1)).sum() / n + 0.5 * wd * (flat ** 2).sum()
-            g = ((np.exp(logp) - Y) * w[:, None]).T @ X / n + wd * Wb
-            return val, g.ravel()
-
-        res = scipy.optimize.minimize(f, np.zeros(15), jac=True, method="BFGS", options={"gtol": 1e-12, "maxiter": 10_000})
-        return res.x.reshape(3, 5)
-
-    def test_loss(Wb):
-        z = Xt @ Wb.T
-        z = z - z.max(1, keepdims=True)
-        return -(z[np.arange(len(yt)), yt] - np.log(np.exp(z).sum(1)))
-
-    base = test_loss(fit(np.ones(n)))
+    n = ctx.n_train
     removed = np.array([3, 50, 97])
-    want = []
-    for i in removed:
-        w = np.ones(n)
-        w[i] = 0
-        want.append(test_loss(fit(w)) - base)
+    weights = np.ones((1 + len(removed), n))
+    weights[1 + np.arange(len(removed)), removed] = 0  # row 0: nothing removed (the control)
+    losses = scipy_logreg_test_losses(ctx, weights)
+    want = losses[1:] - losses[0]
     got = engine.compute(ctx, removed).delta
     np.testing.assert_allclose(got, np.array(want), atol=1e-8, rtol=1e-5)
 

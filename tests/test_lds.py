@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import scipy.optimize
 
+from helpers import scipy_logreg_test_losses
 from influence_bench import catalog
 from influence_bench.context import get_context
 from influence_bench.groundtruth import GroundTruthStore, lds, lds_ground_truth, store_key
@@ -35,32 +35,11 @@ def test_prediction_is_the_summed_influence_of_the_left_out_points():
 
 def test_subset_ground_truth_equals_independent_scipy_retraining(ctx):
     """Weighted logistic regression (left-out points weight 0, 1/n kept) by scipy's BFGS from zero."""
-    X = np.c_[ctx.x_train.numpy(), np.ones(ctx.n_train)]
-    Y = np.eye(3)[ctx.y_train.numpy()]
-    Xt = np.c_[ctx.data.x_test.numpy(), np.ones(len(ctx.data.x_test))]
-    yt = ctx.data.y_test.numpy()
-    wd, n = ctx.weight_decay, ctx.n_train
-
-    def fit(w):
-        def f(flat):
-            z = X @ flat.reshape(3, 5).T
-            z = z - z.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            g = ((np.exp(logp) - Y) * w[:, None]).T @ X / n + wd * flat.reshape(3, 5)
-            return -(w * (Y * logp).sum(1)).sum() / n + 0.5 * wd * (flat ** 2).sum(), g.ravel()
-
-        return scipy.optimize.minimize(f, np.zeros(15), jac=True, method="BFGS",
-                                       options={"gtol": 1e-12, "maxiter": 10_000}).x.reshape(3, 5)
-
-    def test_loss(W):
-        z = Xt @ W.T
-        z = z - z.max(1, keepdims=True)
-        return -(z[np.arange(len(yt)), yt] - np.log(np.exp(z).sum(1)))
-
+    n = ctx.n_train
     spec = lds.LdsSpec(n_subsets=4)
     masks = lds.subset_masks(n, spec)
-    base = test_loss(fit(np.ones(n)))
-    want = np.array([test_loss(fit(masks[m].astype(float))) - base for m in (1, 3)])
+    losses = scipy_logreg_test_losses(ctx, np.stack([np.ones(n), masks[1], masks[3]]).astype(float))
+    want = losses[1:] - losses[0]
     got = lds.compute(ctx, np.array([1, 3]), spec)
     assert got.grad_norm.max() < 1e-10
     np.testing.assert_allclose(got.delta, want, atol=1e-7, rtol=1e-5)
