@@ -11,3 +11,14 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("INFLUENCE_BENCH_SHIPPED_GT", "")  # no shipped ground truth unless a test asks for it
     yield
     mp.undo()
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """The removal ids of every ``engine.compute`` call (a retraining), in order."""
+    from influence_bench.groundtruth import engine
+
+    calls = []
+    real = engine.compute
+    monkeypatch.setattr(engine, "compute", lambda c, rem, **kw: calls.append([int(i) for i in rem]) or real(c, rem, **kw))
+    return calls

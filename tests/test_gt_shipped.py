@@ -22,14 +22,6 @@ def ctx():
 
 
 @pytest.fixture
-def counting(monkeypatch):
-    calls = []
-    real = engine.compute
-    monkeypatch.setattr(engine, "compute", lambda c, rem, **kw: calls.append([int(i) for i in rem]) or real(c, rem, **kw))
-    return calls
-
-
-@pytest.fixture
 def out(ctx, tmp_path):
     """A shipped root holding loo ground truth of every training point at ctx.test_idx."""
     root = tmp_path / "shipped"

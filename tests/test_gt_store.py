@@ -23,14 +23,6 @@ def ctx():
     return get_context(catalog.get_setting("iris-logreg-wd1e-3"))
 
 
-@pytest.fixture
-def counting(monkeypatch):
-    calls = []
-    real = engine.compute
-    monkeypatch.setattr(engine, "compute", lambda c, rem, **kw: calls.append([int(i) for i in rem]) or real(c, rem, **kw))
-    return calls
-
-
 def _run(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=env, cwd=ROOT,
