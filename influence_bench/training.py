@@ -8,6 +8,7 @@ still load; their checkpoints are recovered on first use by replaying the (deter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -209,6 +210,31 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
 
     A ``recorder`` sees every L-BFGS iterate (the result is the same with or without one).
     """
+    spec = setting.train
+    with _reproducible_threads(spec.weight_decay):
+        return _fit(fm, theta0, data, setting, recorder)
+
+
+@contextlib.contextmanager
+def _reproducible_threads(weight_decay: float):
+    """Without weight decay a net has no minimiser: L-BFGS runs its whole budget along a flat
+    valley, and rounding differences (the order of a multi-threaded reduction) grow into a
+    different end point, so theta* (and the test points chosen from its losses) would depend on the
+    machine's thread count. Such fits run on one thread, which makes theta* reproducible across
+    thread counts; with weight decay the fit converges to one minimiser whatever the rounding."""
+    if weight_decay > 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
+         recorder: TrajectoryRecorder | None = None) -> tuple[torch.Tensor, float, int]:
     spec = setting.train
     theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol, recorder)
     if recorder is not None:
