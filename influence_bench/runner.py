@@ -12,7 +12,7 @@ from . import metrics
 from .context import Context, get_context
 from .measure import Measurement, measure
 from .estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
-from .groundtruth import GroundTruthStore, ground_truth, lds, lds_ground_truth, store_key
+from .groundtruth import GroundTruthStore, build, lds
 from .registry import REGISTRY
 from .schema import Case  # noqa: F401  (Case: the result record, re-exported here)
 from .schema import setting_info as setting_shape
@@ -41,30 +41,26 @@ def topk_removals(influence: np.ndarray, k: int) -> np.ndarray:
 
 
 def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTruthStore | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, actual), each ``[n_test, m]``: the removed points' predicted and retrained changes."""
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predicted, actual, noise ceiling): each array ``[n_test, m]``, the removed points' predicted and
+    retrained changes; the ceiling of that ground truth (1 for deterministic retraining, the replicates'
+    split-half agreement over these removals for a stochastic one)."""
     if protocol == "loo-fixed":
         removed = fixed_removals(ctx)
-        actual = ground_truth(ctx, removed, store, cols=ctx.test_idx).T
-        return influence[:, removed], actual
+        gt = build(ctx, "loo", removed, store, cols=ctx.test_idx)
+        return influence[:, removed], gt.delta.T, gt.noise_ceiling
     if protocol == "loo-topk":
         top = topk_removals(influence, ctx.setting.protocol.topk)
         union = np.unique(top)
-        gt = ground_truth(ctx, union, store, cols=ctx.test_idx)  # column j is test point ctx.test_idx[j]
+        gt = build(ctx, "loo", union, store, cols=ctx.test_idx)  # column j is test point ctx.test_idx[j]
         row = {int(r): k for k, r in enumerate(union)}
-        actual = np.stack([gt[[row[int(i)] for i in top[j]], j] for j in range(len(top))])
+        actual = np.stack([gt.delta[[row[int(i)] for i in top[j]], j] for j in range(len(top))])
         predicted = np.take_along_axis(influence, top, 1)
-        return predicted, actual
+        return predicted, actual, gt.noise_ceiling
     if protocol == "lds":  # over subsets: actual change vs summed influence of the left-out points
-        actual = lds_ground_truth(ctx, store, cols=ctx.test_idx).T
-        return lds.predicted_change(influence, lds.subset_masks(ctx.n_train)), actual
+        gt = build(ctx, "lds", np.arange(lds.DEFAULT.n_subsets), store, cols=ctx.test_idx)
+        return lds.predicted_change(influence, lds.subset_masks(ctx.n_train)), gt.delta.T, gt.noise_ceiling
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(KNOWN_PROTOCOLS)}")
-
-
-def ground_truth_ceiling(ctx: Context, protocol: str, store: GroundTruthStore | None = None) -> float:
-    """The noise ceiling stored with the protocol's ground truth (1 for deterministic retraining)."""
-    key = store_key(ctx, "lds" if protocol == "lds" else "loo")
-    return (store or GroundTruthStore()).load_for(key, ctx.test_idx).noise_ceiling
 
 
 def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:
@@ -102,8 +98,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
     info = setting_info(ctx)  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:
-        predicted, actual = compared[p]
-        ceiling = ground_truth_ceiling(ctx, p, store)
+        predicted, actual, ceiling = compared[p]
         for m, fn in metrics.METRICS.items():
             agg = metrics.aggregate(fn(predicted, actual))
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,

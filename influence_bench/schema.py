@@ -64,7 +64,7 @@ class Case:
     n_undefined: int = 0
     per_test: list = field(default_factory=list)
     test_idx: list = field(default_factory=list)
-    noise_ceiling: float = 1.0
+    noise_ceiling: float | None = 1.0  # NaN in memory (null in JSON): unmeasured (one replicate of a stochastic recipe)
     wall_time_s: float | None = None
     peak_memory_mb: float | None = None
     extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started
@@ -139,6 +139,8 @@ def case_from_json(d: Any, where: str) -> Case:
             continue
         _check(f"{where}.{name}", d[name], str(f.type))
         kw[name] = d[name]
+    if kw.get("noise_ceiling", 1.0) is None:
+        kw["noise_ceiling"] = float("nan")
     case = Case(**kw)
     if case.status not in STATUSES:
         raise RunFileError(f"{where}.status: {case.status!r} is not one of {', '.join(STATUSES)}")

@@ -49,21 +49,33 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Full-batch training of the mean loss + ``weight_decay/2 * ||theta||^2``.
+    """Training of the mean loss + ``weight_decay/2 * ||theta||^2``.
 
-    L-BFGS (strong Wolfe) for at most ``max_steps`` iterations or until ``||grad|| < lbfgs_tol``,
-    then at most ``newton_steps`` Newton steps (exact Hessian at the L-BFGS point) down to
-    ``grad_tol``, so theta* is a stationary point to near machine precision.
+    ``lbfgs+newton`` (full batch): L-BFGS (strong Wolfe) for at most ``max_steps`` iterations or
+    until ``||grad|| < lbfgs_tol``, then at most ``newton_steps`` Newton steps (exact Hessian at the
+    L-BFGS point) down to ``grad_tol``, so theta* is a stationary point to near machine precision.
+
+    ``sgd`` / ``adam`` (minibatch, ``minibatch.py``): ``epochs`` epochs of ``batch_size`` batches at
+    learning rate ``lr`` (``momentum`` for SGD), data order seeded by ``seed``; theta* is where the
+    run ends, so it is a stationary point only up to the minibatch noise.
     """
 
     weight_decay: float
-    optimizer: Literal["lbfgs+newton"] = "lbfgs+newton"
+    optimizer: Literal["lbfgs+newton", "sgd", "adam"] = "lbfgs+newton"
     max_steps: int = 3000
     lbfgs_tol: float = 1e-6
     newton_steps: int = 20
     grad_tol: float = 1e-10
     seed: int = 0
     dtype: Literal["float64", "float32"] = "float64"
+    lr: float = 0.0
+    momentum: float = 0.0
+    batch_size: int = 0
+    epochs: int = 0
+
+    @property
+    def minibatch(self) -> bool:
+        return self.optimizer in ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -76,14 +88,34 @@ class GroundTruthSpec:
     at theta*; ``damping`` > 0 makes them Levenberg-Marquardt steps). A control model trained
     identically without removal is subtracted. With ``damping = 0`` on a convex model this reaches
     the exact leave-one-out optimum to ``grad_tol``.
+
+    ``retrain="sgd"`` / ``"adam"`` (minibatch, ``minibatch.py``): ``warm`` takes ``steps`` steps of
+    that optimiser from theta* (``lr``, ``momentum``, ``batch_size``); ``scratch`` repeats the
+    setting's own minibatch training from the same initialisation without the point. Minibatch
+    retraining is stochastic (the data order): ``replicates`` ground truths are built with data-order
+    seeds ``seed, seed + 1, ...`` (the removed models and their control share a replicate's seed),
+    the ground truth is their mean and the noise ceiling their split-half agreement.
+
+    ``pbrf``: the proximal Bregman response function (Bae et al. 2022) from theta*, see
+    ``groundtruth/pbrf.py``; ``damping`` is its proximity term.
     """
 
-    mode: Literal["warm"] = "warm"
-    retrain: Literal["newton-cg"] = "newton-cg"
+    mode: Literal["warm", "scratch", "pbrf"] = "warm"
+    retrain: Literal["newton-cg", "sgd", "adam"] = "newton-cg"
     max_steps: int = 20
     grad_tol: float = 1e-11
     damping: float = 0.0
     cg_iters: int = 30
+    lr: float = 0.0
+    momentum: float = 0.0
+    batch_size: int = 0
+    steps: int = 0
+    replicates: int = 1
+    seed: int = 0
+
+    @property
+    def minibatch(self) -> bool:
+        return self.retrain in ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -107,7 +139,21 @@ class ProtocolSpec:
 
 # Fields added after the first settings shipped: left out of the hash at their default value, so
 # the ids, hashes and cached ground truth of existing settings stay valid.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {("data", "layout"): "flat", ("data", "image_size"): 0}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {
+    ("data", "layout"): "flat", ("data", "image_size"): 0,
+    ("train", "lr"): 0.0, ("train", "momentum"): 0.0, ("train", "batch_size"): 0, ("train", "epochs"): 0,
+    ("ground_truth", "lr"): 0.0, ("ground_truth", "momentum"): 0.0, ("ground_truth", "batch_size"): 0,
+    ("ground_truth", "steps"): 0, ("ground_truth", "replicates"): 1, ("ground_truth", "seed"): 0,
+}
+
+
+def part_dict(part: str, spec) -> dict:
+    """``dataclasses.asdict(spec)`` without the hash-neutral fields at their defaults."""
+    d = dataclasses.asdict(spec)
+    for (p, key), default in HASH_NEUTRAL_DEFAULTS.items():
+        if p == part and d.get(key) == default:
+            del d[key]
+    return d
 
 
 @dataclass(frozen=True)
@@ -126,9 +172,8 @@ class Setting:
     def spec_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("description")
-        for (part, key), default in HASH_NEUTRAL_DEFAULTS.items():
-            if d[part][key] == default:
-                del d[part][key]
+        for part in {p for p, _ in HASH_NEUTRAL_DEFAULTS}:
+            d[part] = part_dict(part, getattr(self, part))
         return d
 
     @property

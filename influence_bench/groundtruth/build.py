@@ -8,13 +8,14 @@ the chunks to Ray tasks (``ray_executor``) that write their own shards.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import Callable
 
 import numpy as np
 
+from .. import metrics
 from ..context import Context
+from ..settings import part_dict
 from . import engine, lds
 from .store import Entries, GroundTruthStore, StoreKey
 
@@ -35,23 +36,55 @@ def data_fingerprint(ctx: Context) -> str:
     return ctx._memo("gt-data-fingerprint", make)
 
 
-def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT) -> StoreKey:
+def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT, replicate: int = 0) -> StoreKey:
+    """The store key of one replicate (stochastic recipes: each replicate seed is its own key;
+    deterministic ones have a single replicate and keys without one)."""
     if kind not in KINDS:
         raise ValueError(f"unknown ground-truth kind {kind!r}; known: {', '.join(KINDS)}")
     s = ctx.setting
-    config = dataclasses.asdict(s.ground_truth)
+    config = part_dict("ground_truth", s.ground_truth)
     if kind == "lds":
         config["lds"] = lds_spec.config()
     payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
                "data": data_fingerprint(ctx), "engine": engine.ENGINE_VERSION}
+    if engine.stochastic(ctx):
+        payload["minibatch_engine"] = engine.MINIBATCH_VERSION
+        payload["replicate"] = int(replicate)
+    elif replicate:
+        raise ValueError(f"setting {s.id!r}: its ground truth is deterministic and has no replicate {replicate}")
     return StoreKey(s.id, s.ground_truth.mode, kind, payload, int(ctx.data.x_test.shape[0]))
 
 
-def compute(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT) -> Entries:
-    """Retrain the models of ``ids`` now (no store)."""
+def replicate_keys(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT) -> list[StoreKey]:
+    return [store_key(ctx, kind, lds_spec, r) for r in range(engine.n_replicates(ctx))]
+
+
+def ceiling_method(ctx: Context) -> str:
+    n = engine.n_replicates(ctx)
+    if not engine.stochastic(ctx):
+        return engine.CEILING_METHOD
+    return f"split-half Spearman-Brown over {n} replicates" if n > 1 else "unknown (one replicate)"
+
+
+def compute(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT,
+            replicate: int = 0) -> Entries:
+    """Retrain the models of ``ids`` now (no store), for one replicate."""
     if kind == "loo":
-        return engine.compute(ctx, ids)
-    return lds.compute(ctx, ids, lds_spec)
+        return engine.compute(ctx, ids, replicate=replicate)
+    return lds.compute(ctx, ids, lds_spec, replicate=replicate)
+
+
+def combine(replicates: list[Entries]) -> Entries:
+    """The ground truth of R replicates (same ids and columns): their mean, with the noise ceiling of
+    their split-half agreement (Spearman-Brown corrected; NaN for a single replicate)."""
+    first = replicates[0]
+    if len(replicates) == 1:
+        return first
+    deltas = np.stack([e.delta for e in replicates])  # [R, m, cols]
+    ceiling = metrics.noise_ceiling(deltas.transpose(0, 2, 1)) if len(first.ids) > 2 else float("nan")
+    return Entries(first.ids, deltas.mean(0), np.nanmax(np.stack([e.grad_norm for e in replicates]), 0)
+                   if np.isfinite(first.grad_norm).any() else first.grad_norm,
+                   first.steps, noise_ceiling=ceiling, cols=first.cols)
 
 
 def valid_ids(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT) -> np.ndarray:
@@ -83,10 +116,22 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
     computed (every column) into the cache."""
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; known: local, ray")
+    engine.check_recipe(ctx)
     store = store or GroundTruthStore()
     ids = valid_ids(ctx, kind, ids, lds_spec)
     cols = valid_cols(ctx, cols)
-    key = store_key(ctx, kind, lds_spec)
+    reps = [_build_replicate(ctx, kind, ids, store, chunk, lds_spec, executor, workers, ray_address, on_chunk,
+                             cols, r) for r in range(engine.n_replicates(ctx))]
+    out = combine(reps)
+    if engine.stochastic(ctx) and len(reps) == 1:
+        out.noise_ceiling = float("nan")  # one replicate of a stochastic recipe: its noise is unmeasured
+    return out
+
+
+def _build_replicate(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore, chunk: int,
+                     lds_spec: lds.LdsSpec, executor: str, workers: int, ray_address: str | None,
+                     on_chunk: ChunkHook | None, cols: np.ndarray | None, replicate: int) -> Entries:
+    key = store_key(ctx, kind, lds_spec, replicate)
     entries = store.load_for(key, cols)
     if np.setdiff1d(ids, entries.ids).size:
         with store.build_lock(key):
@@ -97,10 +142,10 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
                 from . import ray_executor
 
                 ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, key.digest, workers, ray_address,
-                                 ctx.device.type, on_chunk)
+                                 ctx.device.type, on_chunk, replicate)
             elif chunks:
                 for part in chunks:
-                    store.save_chunk(key, compute(ctx, kind, part, lds_spec), engine.CEILING_METHOD)
+                    store.save_chunk(key, compute(ctx, kind, part, lds_spec, replicate), ceiling_method(ctx))
                     if on_chunk is not None:
                         on_chunk(part)
             if chunks:
@@ -115,7 +160,8 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
 def ground_truth(ctx: Context, removed: np.ndarray, store: GroundTruthStore | None = None,
                  cols: np.ndarray | None = None, **kw) -> np.ndarray:
     """``[len(removed), len(cols)]`` changes in the loss of test-set points ``cols`` (None: all,
-    ``[len(removed), n_test_all]``) when each index is removed."""
+    ``[len(removed), n_test_all]``) when each index is removed (the mean over replicates; ``build``
+    returns them with their noise ceiling)."""
     return build(ctx, "loo", removed, store, cols=cols, **kw).delta
 
 

@@ -1,27 +1,94 @@
 """Leave-one-out retraining, many models at once (``torch.func.vmap`` over removal weights).
 
-``warm`` mode: every model starts at theta*, the removed point's weight is zero, and at most
-``max_steps`` Newton-CG steps are taken (see ``GroundTruthSpec``). A
-control model trained the same way without removal is subtracted, so continued training is not
-mistaken for influence: ``delta[i] = L(z; theta_-i) - L(z; theta_control)``.
+The setting's ``GroundTruthSpec`` picks the recipe:
+
+* ``warm`` + ``newton-cg`` (full batch, deterministic): every model starts at theta*, the removed
+  point's weight is zero, and at most ``max_steps`` Newton-CG steps are taken;
+* ``warm`` + ``sgd`` / ``adam`` (minibatch, ``minibatch.py``): ``steps`` optimiser steps from theta*
+  on the batches of the replicate's data-order seed;
+* ``scratch`` (minibatch-trained settings): the setting's whole training recipe again, from the same
+  initialisation, on the batches of the replicate's seed (replicate 0: the seed theta* was trained with).
+
+A control model trained the same way without removal is subtracted, so continued training (or the
+training noise of a replicate) is not mistaken for influence:
+``delta[i] = L(z; theta_-i) - L(z; theta_control)``. Models are retrained in chunks; a chunk that
+runs out of memory is halved and retried (with a warning).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
-from .. import curvature
+from .. import curvature, minibatch
 from ..context import Context
+from ..models import build_model
 from ..newton import NewtonResult, Preconditioner, newton_cg_batched, newton_cg_sequential
 from .store import Entries
 
 # Bump whenever a change to the retraining can change stored numbers: it is part of the store key.
 ENGINE_VERSION = "warm-newton-cg/2"
-# Warm-start Newton-CG is deterministic (no data order, no sampling): replicates are identical, so
-# the noise ceiling is 1 by declaration (a test checks two builds are bit-identical).
+# Newton-CG retraining is deterministic (no data order, no sampling): replicates are identical, so
+# the noise ceiling is 1 by declaration (a test checks two builds are bit-identical). Minibatch
+# recipes are stochastic: their ceiling comes from replicates (``build.py``).
 NOISE_CEILING = 1.0
 CEILING_METHOD = "deterministic"
+MINIBATCH_VERSION = "minibatch/1"  # part of the store key of minibatch recipes
+
+
+def stochastic(ctx: Context) -> bool:
+    """Does retraining depend on a seed (so replicates differ)?"""
+    gt = ctx.setting.ground_truth
+    return gt.mode in ("warm", "scratch") and (gt.minibatch or gt.mode == "scratch")
+
+
+def n_replicates(ctx: Context) -> int:
+    return ctx.setting.ground_truth.replicates if stochastic(ctx) else 1
+
+
+def check_recipe(ctx: Context) -> None:
+    """Clear errors for ground-truth configurations that cannot run."""
+    s = ctx.setting
+    gt = s.ground_truth
+    where = f"setting {s.id!r}, ground-truth mode {gt.mode!r}"
+    if gt.mode == "scratch" and not s.train.minibatch:
+        raise ValueError(f"{where}: scratch retraining repeats the setting's minibatch training recipe, but it "
+                         f"trains with {s.train.optimizer!r} (full batch, run to its optimum, where scratch and "
+                         "warm retraining reach the same point on a convex model): use mode 'warm'")
+    if gt.mode == "warm" and gt.minibatch and (gt.lr <= 0 or gt.batch_size < 1 or gt.steps < 1):
+        raise ValueError(f"{where}: minibatch retraining ({gt.retrain!r}) needs lr > 0, batch_size >= 1 and "
+                         f"steps >= 1 in its GroundTruthSpec; got lr={gt.lr}, batch_size={gt.batch_size}, "
+                         f"steps={gt.steps}")
+    if stochastic(ctx) and gt.replicates < 1:
+        raise ValueError(f"{where}: replicates must be >= 1, got {gt.replicates}")
+
+
+def minibatch_recipe(ctx: Context) -> tuple[minibatch.Recipe, torch.Tensor, int]:
+    """(recipe, start point, base data-order seed) of minibatch retraining."""
+    s = ctx.setting
+    gt = s.ground_truth
+    if gt.mode == "scratch":
+        return train_recipe(s, ctx.n_train), initial_theta(ctx), s.train.seed
+    return (minibatch.Recipe(gt.retrain, gt.lr, gt.batch_size, gt.steps, gt.momentum), ctx.theta, gt.seed)
+
+
+def train_recipe(setting, n_train: int) -> minibatch.Recipe:
+    t = setting.train
+    per_epoch = max(n_train // max(t.batch_size, 1), 1)
+    return minibatch.Recipe(t.optimizer, t.lr, t.batch_size, t.epochs * per_epoch, t.momentum)
+
+
+def initial_theta(ctx: Context) -> torch.Tensor:
+    """The setting's seeded initialisation (where theta*'s training started)."""
+    def make():
+        s = ctx.setting
+        m = build_model(s.model, ctx.data.n_features, ctx.data.n_classes, s.train.seed, ctx.dtype,
+                        in_shape=tuple(ctx.x_train.shape[1:]))
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()]).to(ctx.device)
+
+    return ctx._memo("gt-initial-theta", make)
 
 
 # Above this many parameters the explicit Hessian (P^2 floats) is not formed: retraining runs
@@ -55,23 +122,67 @@ def removal_downdate(ctx: Context, removed: np.ndarray) -> torch.Tensor:
     return U
 
 
-def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> NewtonResult:
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def chunked(n: int, chunk: int, run, what: str) -> list:
+    """``run(start, stop)`` over ``[0, n)`` in chunks of at most ``chunk`` models; a chunk that runs out
+    of memory is halved (down to one model) and retried, with a warning saying so."""
+    out, s = [], 0
+    while s < n:
+        stop = min(s + chunk, n)
+        try:
+            out.append(run(s, stop))
+        except (RuntimeError, MemoryError) as exc:
+            if not (_is_oom(exc) or isinstance(exc, MemoryError)) or chunk == 1:
+                raise
+            chunk = max(1, (stop - s) // 2)
+            warnings.warn(f"{what}: out of memory retraining {stop - s} models at once; halving the chunk to "
+                          f"{chunk} models and continuing", stacklevel=2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        s = stop
+    return out
+
+
+def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True,
+            replicate: int = 0) -> NewtonResult:
     """Retrain one model per entry of ``removed`` (``-1`` = control). Chunked over models."""
+    check_recipe(ctx)
     gt = ctx.setting.ground_truth
-    parts = []
-    for s in range(0, len(removed), chunk):
-        rem = removed[s:s + chunk]
+
+    def run(s: int, stop: int) -> NewtonResult:
+        rem = removed[s:stop]
         w = removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device)
-        parts.append(retrain_weights(ctx, w, gt.max_steps, removal_downdate(ctx, rem) if batched else None,
-                                     batched=batched))
-    return _cat(parts)
+        if stochastic(ctx):
+            return retrain_weights(ctx, w, gt.max_steps, batched=batched, replicate=replicate)
+        return retrain_weights(ctx, w, gt.max_steps, removal_downdate(ctx, rem) if batched else None,
+                               batched=batched)
+
+    return _cat(chunked(len(removed), chunk, run, f"ground truth of {ctx.setting.id!r}"))
 
 
 def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdate: torch.Tensor | None = None,
-                    batched: bool = True) -> NewtonResult:
-    """Warm-start Newton-CG from theta* on each row of ``weights`` ([B, n], 0 = removed), with the
-    setting's damping / CG budget, preconditioned by H* (per-model Woodbury if ``downdate``)."""
+                    batched: bool = True, replicate: int = 0) -> NewtonResult:
+    """Retrain on each row of ``weights`` ([B, n], 0 = removed) with the setting's recipe.
+
+    Newton-CG: warm start from theta*, the setting's damping / CG budget, preconditioned by H*
+    (per-model Woodbury if ``downdate``). Minibatch: ``minibatch_recipe`` on the batches of seed
+    ``base seed + replicate`` (``grad_norm`` is then NaN: a minibatch run stops at a step count, not
+    at a gradient tolerance)."""
     gt = ctx.setting.ground_truth
+    if stochastic(ctx):
+        recipe, theta0, seed = minibatch_recipe(ctx)
+        what = f"ground truth of {ctx.setting.id!r} ({gt.mode}, {gt.retrain if gt.mode == 'warm' else ctx.setting.train.optimizer})"
+        train = minibatch.train if batched else minibatch.train_sequential
+        kw = {"what": what} if batched else {}
+        theta = train(ctx.fm, theta0, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, recipe, seed + replicate, **kw)
+        B = weights.shape[0]
+        return NewtonResult(theta, torch.full((B,), float("nan"), dtype=theta.dtype, device=theta.device),
+                            torch.full((B,), recipe.steps, dtype=torch.long, device=theta.device),
+                            torch.ones(B, dtype=torch.bool, device=theta.device))
     run = newton_cg_batched if batched else newton_cg_sequential
     kw = dict(damping=gt.damping, cg_iters=gt.cg_iters)
     if batched and downdate is not None:
@@ -90,10 +201,10 @@ def test_losses(ctx: Context, thetas: torch.Tensor) -> torch.Tensor:
         return torch.stack([curvature.per_sample_loss(ctx.fm, t, ctx.data.x_test, ctx.data.y_test) for t in thetas])
 
 
-def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True) -> Entries:
-    """Ground truth for ``removed`` training indices (with the control run)."""
+def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True, replicate: int = 0) -> Entries:
+    """Ground truth for ``removed`` training indices (with the control run) of one replicate."""
     removed = np.asarray(removed, dtype=np.int64)
-    res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched)
+    res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched, replicate=replicate)
     losses = test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()
     return Entries(removed, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy())

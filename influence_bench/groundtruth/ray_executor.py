@@ -32,23 +32,22 @@ def _import_ray():
 
 
 def _chunk_task(setting: Setting, kind: str, ids: np.ndarray, root: str, lds_spec: lds.LdsSpec, digest: str,
-                device: str) -> list[int]:
+                device: str, replicate: int = 0) -> list[int]:
     from ..context import get_context
-    from . import engine
-    from .build import compute, store_key
+    from .build import ceiling_method, compute, store_key
 
     ctx = get_context(setting, device)
-    key = store_key(ctx, kind, lds_spec)
+    key = store_key(ctx, kind, lds_spec, replicate)
     if key.digest != digest:
         raise RuntimeError(f"Ray worker on {os.uname().nodename} computes store key {key.digest[:16]} for "
                            f"{setting.id!r} ({kind}), the driver {digest[:16]}: different data or code version")
-    GroundTruthStore(root).save_chunk(key, compute(ctx, kind, ids, lds_spec), engine.CEILING_METHOD)
+    GroundTruthStore(root).save_chunk(key, compute(ctx, kind, ids, lds_spec, replicate), ceiling_method(ctx))
     return [int(i) for i in ids]
 
 
 def run(setting: Setting, kind: str, chunks: list[np.ndarray], store: GroundTruthStore, lds_spec: lds.LdsSpec,
         digest: str, workers: int = 2, address: str | None = None, device: str = "cpu",
-        on_chunk: Callable[[np.ndarray], None] | None = None) -> None:
+        on_chunk: Callable[[np.ndarray], None] | None = None, replicate: int = 0) -> None:
     """Run every chunk as a Ray task; ``on_chunk`` is called (in the driver) as each one is saved."""
     ray = _import_ray()
     if not ray.is_initialized():
@@ -56,7 +55,7 @@ def run(setting: Setting, kind: str, chunks: list[np.ndarray], store: GroundTrut
         kw = {"address": address} if address else {"num_cpus": workers}
         ray.init(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False, **kw)
     task = ray.remote(num_cpus=1, max_retries=2)(_chunk_task)
-    pending = {task.remote(setting, kind, c, str(store.root), lds_spec, digest, device): c for c in chunks}
+    pending = {task.remote(setting, kind, c, str(store.root), lds_spec, digest, device, replicate): c for c in chunks}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
