@@ -36,7 +36,7 @@ def _list(args) -> int:
 def _score(args) -> int:
     from .data import DataUnavailable
     from .results import new_run_path, write_run
-    from .runner import PROTOCOLS, evaluate
+    from .runner import evaluate
     from .table import fidelity_table
     from .thresholds import Thresholds, judge
 
@@ -53,7 +53,7 @@ def _score(args) -> int:
     for s in settings:
         print(f"scoring {args.estimator} on {s.id} ...", file=sys.stderr, flush=True)
         try:
-            cases += evaluate(args.estimator, s, device=args.device, protocols=tuple(args.protocol or PROTOCOLS))
+            cases += evaluate(args.estimator, s, device=args.device, protocols=tuple(args.protocol) if args.protocol else None)
         except DataUnavailable as exc:
             skipped.append(f"{s.id}: {exc}")
     verdicts, failures = judge(cases, Thresholds.load())
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--tier", choices=TIERS, default="smoke")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--protocol", action="append", default=None, choices=["loo-fixed", "loo-topk", "lds"],
-                    help="protocol (repeatable); default: loo-fixed and loo-topk")
+                    help="protocol (repeatable); default: the setting's (loo-fixed and loo-topk; loo-fixed alone on CNNs)")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
     sc.add_argument("--baseline", default=None, metavar="FILE",
                     help="show the other estimators' rows from this run file (default: the checkout's "

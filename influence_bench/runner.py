@@ -77,10 +77,11 @@ def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement
 
 
 def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
-             protocols: tuple[str, ...] = PROTOCOLS, store: GroundTruthStore | None = None) -> list[Case]:
+             protocols: tuple[str, ...] | None = None, store: GroundTruthStore | None = None) -> list[Case]:
     """All cases of one estimator on one setting. Never raises for estimator failures: they become
     ``error`` / ``skipped`` cases carrying the message (the other cases still run)."""
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
+    protocols = tuple(protocols) if protocols else setting.protocol.default
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
                 hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting))

@@ -135,6 +135,10 @@ class ProtocolSpec:
     fixed_n: int = 100
     fixed_seed: int = 0
     topk: int = 40
+    # what the suites score by default. loo-topk retrains up to topk x n_test models per estimator;
+    # settings where one retraining is expensive (CNNs on CPU) default to loo-fixed alone, whose
+    # removals are shared by every estimator.
+    default: tuple[str, ...] = ("loo-fixed", "loo-topk")
 
 
 # Fields added after the first settings shipped: left out of the hash at their default value, so
@@ -144,6 +148,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], object] = {
     ("train", "lr"): 0.0, ("train", "momentum"): 0.0, ("train", "batch_size"): 0, ("train", "epochs"): 0,
     ("ground_truth", "lr"): 0.0, ("ground_truth", "momentum"): 0.0, ("ground_truth", "batch_size"): 0,
     ("ground_truth", "steps"): 0, ("ground_truth", "replicates"): 1, ("ground_truth", "seed"): 0,
+    ("protocol", "default"): ("loo-fixed", "loo-topk"),
 }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from . import curvature
+from . import curvature, minibatch
 from .data import Dataset
 from .models import FlatModel, build_model
 from .newton import Preconditioner, newton_cg_batched
@@ -78,6 +78,7 @@ class TrajectoryRecorder:
         self.kept: list[tuple[int, torch.Tensor]] = []
         self.cum_lr = [0.0]  # cum_lr[s] = sum of eta over iterations 0 .. s-1
         self.theta_end: torch.Tensor | None = None  # last L-BFGS iterate (set by ``fit``)
+        self.fixed: "Checkpoints | None" = None  # minibatch training hands its checkpoints over whole
 
     def step(self, before: torch.Tensor, after: torch.Tensor, grad: torch.Tensor) -> None:
         gg = float(grad.dot(grad))
@@ -211,8 +212,36 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
     A ``recorder`` sees every L-BFGS iterate (the result is the same with or without one).
     """
     spec = setting.train
+    if spec.minibatch:
+        return _fit_minibatch(fm, theta0, data, setting, recorder)
     with _reproducible_threads(spec.weight_decay):
         return _fit(fm, theta0, data, setting, recorder)
+
+
+def minibatch_recipe(setting: Setting, n_train: int) -> "minibatch.Recipe":
+    """The minibatch training recipe of ``setting`` (``epochs`` whole epochs of ``n // batch_size`` steps)."""
+    t = setting.train
+    if t.lr <= 0 or t.batch_size < 1 or t.epochs < 1:
+        raise ValueError(f"setting {setting.id!r}: {t.optimizer} training needs lr > 0, batch_size >= 1 and "
+                         f"epochs >= 1; got lr={t.lr}, batch_size={t.batch_size}, epochs={t.epochs}")
+    return minibatch.Recipe(t.optimizer, t.lr, t.batch_size, t.epochs * (n_train // t.batch_size), t.momentum)
+
+
+def _fit_minibatch(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
+                   recorder: TrajectoryRecorder | None = None) -> tuple[torch.Tensor, float, int]:
+    """Minibatch training (``minibatch.py``); the recorder receives the end-of-epoch checkpoints,
+    each weighted by the learning rate times the steps it stands for (TracInCP's weighting)."""
+    n = data.x_train.shape[0]
+    recipe = minibatch_recipe(setting, n)
+    per_epoch = n // recipe.batch_size
+    theta, kept, at = minibatch.fit(fm, theta0, data.x_train, data.y_train, setting.weight_decay, recipe,
+                                    setting.train.seed, per_epoch, max_keep=recorder.max_keep if recorder else 10)
+    if recorder is not None:
+        bounds = np.concatenate([[0], at, [recipe.steps]])
+        recorder.fixed = Checkpoints(kept, at, recipe.lr * np.diff(bounds[:-1]).astype(np.float64),
+                                     float(recipe.lr * (bounds[-1] - bounds[-2])), recipe.steps)
+    gnorm = float(_objective_grad(fm, data, setting.weight_decay)(theta).norm())
+    return theta, gnorm, recipe.steps
 
 
 @contextlib.contextmanager
@@ -297,6 +326,8 @@ def _load(path: Path, fm: FlatModel, device, dtype) -> Trained | None:
 
 def _finish(rec: TrajectoryRecorder, fm: FlatModel, data: Dataset, setting: Setting,
             theta_star: torch.Tensor) -> Checkpoints:
+    if rec.fixed is not None:  # minibatch training: the epoch checkpoints as they were kept
+        return rec.fixed
     end = rec.theta_end if rec.theta_end is not None else theta_star
     return rec.finish(end, theta_star, _objective_grad(fm, data, setting.weight_decay)(end))
 
@@ -329,7 +360,8 @@ def checkpoints(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Ten
                 return Checkpoints.from_arrays(z, device, dtype)
         except (OSError, ValueError, KeyError):
             pass
-    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype).to(device)
+    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype,
+                         in_shape=tuple(data.x_train.shape[1:])).to(device)
     replay_fm = FlatModel(module)
     rec = TrajectoryRecorder()
     theta_replay, _, _ = fit(replay_fm, replay_fm.flat().to(device), data, setting, rec)

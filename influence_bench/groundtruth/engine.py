@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from .. import curvature, minibatch
+from .. import curvature, minibatch, training
 from ..context import Context
 from ..models import build_model
 from ..newton import NewtonResult, Preconditioner, newton_cg_batched, newton_cg_sequential
@@ -70,14 +70,8 @@ def minibatch_recipe(ctx: Context) -> tuple[minibatch.Recipe, torch.Tensor, int]
     s = ctx.setting
     gt = s.ground_truth
     if gt.mode == "scratch":
-        return train_recipe(s, ctx.n_train), initial_theta(ctx), s.train.seed
+        return training.minibatch_recipe(s, ctx.n_train), initial_theta(ctx), s.train.seed
     return (minibatch.Recipe(gt.retrain, gt.lr, gt.batch_size, gt.steps, gt.momentum), ctx.theta, gt.seed)
-
-
-def train_recipe(setting, n_train: int) -> minibatch.Recipe:
-    t = setting.train
-    per_epoch = max(n_train // max(t.batch_size, 1), 1)
-    return minibatch.Recipe(t.optimizer, t.lr, t.batch_size, t.epochs * per_epoch, t.momentum)
 
 
 def initial_theta(ctx: Context) -> torch.Tensor:
