@@ -10,6 +10,7 @@ term. Used to polish theta* after L-BFGS and as the retraining engine of ground 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.func import grad, jvp, vmap
@@ -121,10 +122,29 @@ def weighted_hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float)
     return vmap(one)(thetas, weights, vs)
 
 
+@dataclass(frozen=True)
+class BatchedObjective:
+    """Per-model objectives for ``newton_cg_batched``: ``value(thetas, weights)`` -> [B],
+    ``grads(thetas, weights)`` -> [B, P], ``hvps(thetas, weights, vs)`` -> [B, P] (row b: model b's
+    own objective, parameters and weights)."""
+
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    grads: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    hvps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def training_objective(fm: FlatModel, x, y, weight_decay: float) -> BatchedObjective:
+    """The weighted training objective J(theta; w) (the default of ``newton_cg_batched``)."""
+    return BatchedObjective(lambda t, w: weighted_objective(fm, t, w, x, y, weight_decay),
+                            lambda t, w: weighted_grads(fm, t, w, x, y, weight_decay),
+                            lambda t, w, v: weighted_hvps(fm, t, w, v, x, y, weight_decay))
+
+
 def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x, y,
                       weight_decay: float, precond: Preconditioner, max_steps: int, grad_tol: float,
                       damping: float = 0.0, cg_iters: int = 30, cg_rtol: float = 1e-10,
-                      downdate: torch.Tensor | None = None) -> NewtonResult:
+                      downdate: torch.Tensor | None = None,
+                      objective: BatchedObjective | None = None) -> NewtonResult:
     """Newton steps on each model's own objective, each solved by preconditioned CG.
 
     The step solves ``(H_b(theta_b) + damping I) s = g_b`` with the exact Hessian of model b
@@ -132,8 +152,11 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
     a low-rank change, so PCG needs few iterations, and unlike a fixed preconditioner it cannot
     diverge when one point dominates a low-curvature direction. CG stops at negative curvature
     (truncated Newton), so a non-convex model still takes a descent step. ``downdate`` ([B, P, r])
-    gives each model the Woodbury-corrected preconditioner of ``Downdated``.
+    gives each model the Woodbury-corrected preconditioner of ``Downdated``. ``objective`` replaces
+    the weighted training objective (``fm``, ``x``, ``y``, ``weight_decay`` are then unused), e.g.
+    the proximal Bregman objective of ``groundtruth/pbrf.py``.
     """
+    obj = objective or training_objective(fm, x, y, weight_decay)
     B = weights.shape[0]
     per_model = Downdated.build(precond, downdate) if downdate is not None else None
     theta = (theta0.expand(B, -1) if theta0.dim() == 1 else theta0).clone()
@@ -142,7 +165,7 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
     active = torch.ones(B, dtype=torch.bool, device=theta.device)
     for _ in range(max_steps + 1):
         idx = active.nonzero().squeeze(1)
-        g = weighted_grads(fm, theta[idx], weights[idx], x, y, weight_decay)
+        g = obj.grads(theta[idx], weights[idx])
         gn = g.norm(dim=1)
         gnorm[idx] = gn
         done = gn < grad_tol
@@ -153,22 +176,24 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
         # inexact Newton (Eisenstat-Walker forcing): loose solves far from the optimum, tight near it
         rtol = torch.clamp(g.norm(dim=1).sqrt(), max=0.1).clamp_min(cg_rtol)
         solve = precond.solve if per_model is None else (lambda r, idx=idx: per_model.solve_rows(r, idx))
-        s = _pcg(lambda v: weighted_hvps(fm, theta[idx], weights[idx], v, x, y, weight_decay) + damping * v,
-                 g, solve, cg_iters, rtol)
-        theta[idx] -= _armijo(fm, theta[idx], weights[idx], s, g, x, y, weight_decay)[:, None] * s
+        s = _pcg(lambda v: obj.hvps(theta[idx], weights[idx], v) + damping * v, g, solve, cg_iters, rtol)
+        theta[idx] -= _armijo(fm, theta[idx], weights[idx], s, g, x, y, weight_decay, value=obj.value)[:, None] * s
         steps[idx] += 1
     return NewtonResult(theta, gnorm, steps, gnorm < grad_tol)
 
 
 def _armijo(fm: FlatModel, thetas, weights, s, g, x, y, weight_decay: float,
-            c: float = 1e-4, halvings: int = 20) -> torch.Tensor:
+            c: float = 1e-4, halvings: int = 20, value=None) -> torch.Tensor:
     """Per-model step length ``t`` (1, 1/2, 1/4, ...) for ``theta - t s`` with sufficient decrease.
 
     Near a minimum ``t = 1`` is accepted at once, so convex retraining keeps Newton's quadratic
     convergence; far from it (flat directions of deep nets) it keeps the steps from diverging.
-    A model for which no halving decreases the objective gets ``t = 0``.
+    A model for which no halving decreases the objective gets ``t = 0``. ``value(thetas, weights)``
+    replaces the weighted training objective.
     """
     def obj(t, w):
+        if value is not None:
+            return value(t, w)
         return weighted_objective(fm, t, w, x, y, weight_decay)
 
     f0 = obj(thetas, weights)
