@@ -48,6 +48,7 @@ class Arnoldi(Estimator):
     damping: float = 0.0
     seed: int = 0
     max_basis_mb: float = 4096.0
+    max_seconds: float = 600.0  # refuse when the n_iters Hessian-vector products would take longer
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:
@@ -63,6 +64,7 @@ class Arnoldi(Estimator):
             raise EstimatorUnsupported(
                 f"the Arnoldi basis of n_iters={m} vectors x {P} parameters needs {mb:.0f} MiB > "
                 f"max_basis_mb={self.max_basis_mb:.0f}. Lower n_iters, raise max_basis_mb, or use `cg`/`lissa`.")
+        ctx.check_hvp_budget(m, self.name, self.max_seconds, f"an Arnoldi basis of {m} vectors")
         products = ctx.curvature_operator(self.curvature)  # one autograd graph, reused every step
         gen = torch.Generator().manual_seed(self.seed)
         Q, T, beta = arnoldi(lambda v: products(v[None])[0], P, m, generator=gen,

@@ -51,6 +51,7 @@ class ConjugateGradient(Estimator):
     max_iters: int = 1000
     chunk_size: int | None = None
     on_negative_curvature: str = "continue"  # "continue" | "stop" | "raise"
+    max_seconds: float = 600.0  # refuse when even 50 iterations per test point would take longer
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:
@@ -60,6 +61,8 @@ class ConjugateGradient(Estimator):
                              f"got {self.on_negative_curvature!r}")
 
     def influence(self, ctx):
+        ctx.check_hvp_budget(ctx.n_test * min(50, self.max_iters), self.name, self.max_seconds,
+                             f"conjugate gradients for {ctx.n_test} test points (at least 50 iterations each)")
         products = ctx.curvature_operator(self.curvature, self.chunk_size)  # one graph, reused
 
         def matvec(V):

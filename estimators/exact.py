@@ -23,6 +23,7 @@ class Exact(Estimator):
 
     damping: float = 0.0
     max_params: int = 12_000  # the Hessian is max_params^2 floats (1.2 GB in float64 at 12k)
+    max_seconds: float = 600.0  # refuse when forming the Hessian (n_params HVPs) would take longer
 
     def influence(self, ctx):
         if ctx.n_params > self.max_params:
@@ -30,6 +31,8 @@ class Exact(Estimator):
                 f"{ctx.n_params} parameters exceed max_params={self.max_params}: the explicit Hessian "
                 f"would hold {ctx.n_params ** 2 * 8 / 2**30:.1f} GiB. Use `cg` or `lissa` (implicit "
                 "Hessian-vector products) instead, or raise max_params.")
+        if "hessian" not in ctx._cache:
+            ctx.check_hvp_budget(ctx.n_params, self.name, self.max_seconds, "the explicit Hessian")
         H = ctx.hessian()
         if self.damping:
             H = H + self.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -51,7 +51,8 @@ def _score(args) -> int:
         return 2
     cases, skipped = [], []
     for s in settings:
-        print(f"scoring {args.estimator} on {s.id} ...", file=sys.stderr, flush=True)
+        s = s.with_mode(args.mode) if args.mode else s
+        print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr, flush=True)
         try:
             cases += evaluate(args.estimator, s, device=args.device, protocols=tuple(args.protocol) if args.protocol else None)
         except DataUnavailable as exc:
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--protocol", action="append", default=None, choices=["loo-fixed", "loo-topk", "lds"],
                     help="protocol (repeatable); default: the setting's (loo-fixed and loo-topk; loo-fixed alone on CNNs)")
+    sc.add_argument("--mode", choices=["warm", "scratch", "pbrf"], default=None,
+                    help="ground-truth mode (default: each setting's own, warm)")
     sc.add_argument("--results-dir", default="results", help="run files go to DIR/runs/ (default: ./results)")
     sc.add_argument("--baseline", default=None, metavar="FILE",
                     help="show the other estimators' rows from this run file (default: the checkout's "

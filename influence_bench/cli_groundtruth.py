@@ -62,9 +62,7 @@ def _build(args) -> int:
     store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
     kind = PROTOCOL_KIND[args.protocol]
     for sid in args.settings:
-        setting = catalog.get_setting(sid)
-        if setting.ground_truth.mode != args.mode:
-            raise ValueError(f"setting {sid!r} defines ground-truth mode {setting.ground_truth.mode!r}, not {args.mode!r}")
+        setting = catalog.get_setting(sid).with_mode(args.mode or catalog.get_setting(sid).ground_truth.mode)
         ctx = get_context(setting, args.device)
         ids = _ids(ctx, args.protocol, args.estimator, args.device)
         have = np.isin(ids, store.load(store_key(ctx, kind)).ids).sum()
@@ -133,7 +131,8 @@ def add_parser(sub) -> None:
     b = gsub.add_parser("build", parents=[common], help="retrain what the store does not hold yet")
     b.add_argument("settings", nargs="+", metavar="SETTING")
     b.add_argument("--protocol", choices=sorted(PROTOCOL_KIND), default="loo-fixed")
-    b.add_argument("--mode", choices=["warm"], default="warm")
+    b.add_argument("--mode", choices=["warm", "scratch", "pbrf"], default=None,
+                   help="ground-truth mode (default: the setting's; see DESIGN.md)")
     b.add_argument("--estimator", default=None, help="for loo-topk: whose top-k points to remove")
     b.add_argument("--executor", choices=["local", "ray"], default="local")
     b.add_argument("--workers", type=int, default=2, help="Ray CPUs when starting a local Ray instance")

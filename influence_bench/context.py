@@ -95,6 +95,38 @@ class Context:
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         return curvature.hvp(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay, v)
 
+    def hvp_seconds(self) -> float:
+        """Measured wall time of one Hessian-vector product over the whole training set at theta*
+        (once per context): what cost-bounded estimators and diagnostics budget with. Near zero for
+        Iris and linear models; seconds for a CNN on thousands of images on CPU."""
+        def make() -> float:
+            import time
+
+            v = torch.ones_like(self.theta)
+            self.hvp(v)  # warm-up (allocations, kernel selection)
+            t0 = time.perf_counter()
+            self.hvp(v)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - t0
+
+        return self._memo("hvp_seconds", make)
+
+    def check_hvp_budget(self, n_hvps: float, who: str, max_seconds: float, what: str) -> None:
+        """Refuse (``EstimatorUnsupported``) when ``n_hvps`` Hessian-vector products would take longer
+        than ``max_seconds`` here; the message gives the estimate and the ways out."""
+        from .estimator import EstimatorUnsupported
+
+        if self.setting.model.family in ("logreg", "linear"):  # closed-form / linear fast paths
+            return
+        est = n_hvps * self.hvp_seconds()
+        if est > max_seconds:
+            raise EstimatorUnsupported(
+                f"{who} on {self.setting.id!r}: {what} needs ~{n_hvps:.0f} Hessian-vector products over "
+                f"{self.n_train} training points, ~{est / 60:.0f} min at the {self.hvp_seconds():.2f} s measured "
+                f"for one on {self.device} > max_seconds={max_seconds:g}. Run it on a GPU (--device cuda) or "
+                "raise max_seconds.")
+
     def curvature_operator(self, kind: str = "hessian", chunk_size: int | None = None) -> curvature.CurvatureOperator:
         """A callable ``V [k, P] -> [k, P]`` of batched ``H v`` (``kind="hessian"``) or Gauss-Newton ``G v``
         (``"ggn"``) products at theta*, reusing one autograd graph over calls (iterative solvers)."""

@@ -27,6 +27,10 @@ from .training import model_cache_path
 # smallest to 1e-4 in 30 s, the smallest 3 to 1e-6 in > 7 min on the shared cores).
 DENSE_EIG_MAX = 3000
 BOTTOM_TOL = 1e-4
+# Above this many seconds for the explicit Hessian (n_params x the measured HVP time), only the top
+# eigenvalues, by Lanczos on HVPs (``_top_only``).
+HESSIAN_BUDGET_S = 300.0
+TOP_ONLY_HVPS = 20
 
 
 def hessian_extremes(ctx: Context, k: int = 3) -> dict:
@@ -34,6 +38,9 @@ def hessian_extremes(ctx: Context, k: int = 3) -> dict:
     objective (incl. weight decay) at theta*, with the method used: ``bottom`` holds ``k`` values
     from the dense route, one otherwise. Lanczos finds the extreme ones reliably; beyond them it
     can miss the multiplicity of a repeated eigenvalue."""
+    if "hessian" not in ctx._cache and ctx.setting.model.family not in ("logreg", "linear") \
+            and ctx.n_params * ctx.hvp_seconds() > HESSIAN_BUDGET_S:
+        return _top_only(ctx, k)
     if ctx.n_params <= DENSE_EIG_MAX:
         ev = torch.linalg.eigvalsh(ctx.hessian()).cpu().numpy()
         return {"top": ev[::-1][:k].tolist(), "bottom": ev[:k].tolist(), "method": "dense eigvalsh",
@@ -57,6 +64,20 @@ def hessian_extremes(ctx: Context, k: int = 3) -> dict:
     out["top"] = _lanczos(ctx.hvp, ctx, v0, k, out)[::-1][:k]
     out["bottom"] = _lanczos(ctx.hvp, ctx, v0, 1, out, which="SA", tol=BOTTOM_TOL)
     return out
+
+
+def _top_only(ctx: Context, k: int) -> dict:
+    """Where the explicit Hessian would cost more than ``HESSIAN_BUDGET_S`` (CNNs on CPU): the top
+    ``k`` eigenvalues by ``TOP_ONLY_HVPS`` Lanczos iterations on Hessian-vector products (the
+    extreme eigenvalues converge first); the bottom of the spectrum is not computed (each product
+    costs seconds, and the smallest eigenvalues converge slowly)."""
+    from .curvature import lanczos_top_eigenvalues
+
+    gen = torch.Generator().manual_seed(0)
+    top = lanczos_top_eigenvalues(ctx.hvp, ctx.n_params, k=k, n_iters=min(TOP_ONLY_HVPS, ctx.n_params),
+                                  generator=gen, dtype=ctx.dtype, device=ctx.device)
+    return {"top": [float(v) for v in top], "bottom": None,
+            "method": f"lanczos on HVPs, top only ({TOP_ONLY_HVPS} products of {ctx.hvp_seconds():.2f} s each)"}
 
 
 def _lanczos(apply, ctx: Context, v0: np.ndarray, k: int, out: dict, which: str = "LA",

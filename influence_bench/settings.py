@@ -188,8 +188,32 @@ class Setting:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
+    def training_hash(self) -> str:
+        """Hash of what determines theta* (data, model, training, version): settings that differ only
+        in their ground truth or protocols share a trained model."""
+        d = {k: v for k, v in self.spec_dict().items() if k in ("data", "model", "train", "version")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
     def weight_decay(self) -> float:
         return self.train.weight_decay
+
+    def with_mode(self, mode: str) -> "Setting":
+        """The same setting scored against another ground-truth mode (``warm``, ``scratch``, ``pbrf``).
+
+        ``pbrf`` keeps the setting's ``damping`` as its proximity term and gets a Newton budget that
+        converges (at least 50 steps of at most 30 CG iterations, ``grad_tol`` 1e-10): unlike warm
+        leave-one-out its optimum is close to theta*, but the proximity is small."""
+        modes = ("warm", "scratch", "pbrf")
+        if mode not in modes:
+            raise ValueError(f"setting {self.id!r}: unknown ground-truth mode {mode!r}; known: {', '.join(modes)}")
+        gt = self.ground_truth
+        if mode == gt.mode:
+            return self
+        if mode == "pbrf":
+            gt = dataclasses.replace(gt, retrain="newton-cg", max_steps=max(gt.max_steps, 50),
+                                     cg_iters=max(gt.cg_iters, 30), grad_tol=max(gt.grad_tol, 1e-10))
+        return dataclasses.replace(self, ground_truth=dataclasses.replace(gt, mode=mode))
 
 
 def format_wd(wd: float) -> str:

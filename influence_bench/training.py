@@ -162,7 +162,7 @@ class Trained:
 
 
 def model_cache_path(setting: Setting) -> Path:
-    return cache_dir() / "models" / f"{setting.id}-{setting.spec_hash}.npz"
+    return cache_dir() / "models" / f"{setting.id}-{setting.training_hash}.npz"
 
 
 def _objective_grad(fm: FlatModel, data: Dataset, weight_decay: float):

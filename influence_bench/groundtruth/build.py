@@ -47,6 +47,10 @@ def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAU
         config["lds"] = lds_spec.config()
     payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
                "data": data_fingerprint(ctx), "engine": engine.ENGINE_VERSION}
+    if s.ground_truth.mode == "pbrf":
+        from .pbrf import PBRF_VERSION
+
+        payload["engine"] = PBRF_VERSION
     if engine.stochastic(ctx):
         payload["minibatch_engine"] = engine.MINIBATCH_VERSION
         payload["replicate"] = int(replicate)

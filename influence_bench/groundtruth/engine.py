@@ -53,6 +53,12 @@ def check_recipe(ctx: Context) -> None:
     s = ctx.setting
     gt = s.ground_truth
     where = f"setting {s.id!r}, ground-truth mode {gt.mode!r}"
+    if gt.mode == "pbrf":
+        from . import pbrf
+
+        pbrf.proximity(ctx)  # raises without a minimiser
+        if gt.minibatch:
+            raise ValueError(f"{where}: the PBRF is solved by Newton-CG; retrain={gt.retrain!r} does not apply")
     if gt.mode == "scratch" and not s.train.minibatch:
         raise ValueError(f"{where}: scratch retraining repeats the setting's minibatch training recipe, but it "
                          f"trains with {s.train.optimizer!r} (full batch, run to its optimum, where scratch and "
@@ -167,6 +173,10 @@ def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdat
     ``base seed + replicate`` (``grad_norm`` is then NaN: a minibatch run stops at a step count, not
     at a gradient tolerance)."""
     gt = ctx.setting.ground_truth
+    if gt.mode == "pbrf":
+        from . import pbrf
+
+        return pbrf.retrain_weights(ctx, weights)
     if stochastic(ctx):
         recipe, theta0, seed = minibatch_recipe(ctx)
         what = f"ground truth of {ctx.setting.id!r} ({gt.mode}, {gt.retrain if gt.mode == 'warm' else ctx.setting.train.optimizer})"
@@ -198,6 +208,11 @@ def test_losses(ctx: Context, thetas: torch.Tensor) -> torch.Tensor:
 def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool = True, replicate: int = 0) -> Entries:
     """Ground truth for ``removed`` training indices (with the control run) of one replicate."""
     removed = np.asarray(removed, dtype=np.int64)
+    if ctx.setting.ground_truth.mode == "pbrf":  # no control: the PBRF optimum without removal is theta*
+        from . import pbrf
+
+        check_recipe(ctx)
+        return pbrf.compute(ctx, removed, chunk=chunk)
     res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched, replicate=replicate)
     losses = test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()

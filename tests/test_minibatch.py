@@ -1,0 +1,172 @@
+"""Minibatch retraining (SGD, momentum, Adam): the vmapped engine against torch.optim one model at a
+time, the paired data order, replicates and their noise ceiling, scratch mode, OOM halving, the
+BatchNorm fallback, and the errors for recipes that cannot run."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+from influence_bench import minibatch as mb
+from influence_bench.context import build_context
+from influence_bench.data import Dataset
+from influence_bench.groundtruth import GroundTruthStore, build, engine
+from influence_bench.groundtruth.build import store_key
+from influence_bench.models import FlatModel, mlp
+from influence_bench.settings import DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TrainSpec
+
+RECIPES = [mb.Recipe("sgd", 0.1, 16, 40), mb.Recipe("sgd", 0.05, 16, 40, momentum=0.9), mb.Recipe("adam", 0.01, 16, 40)]
+
+
+def _blobs(n: int, n_test: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n + n_test) % 3
+    x = torch.randn(n + n_test, 4, generator=g, dtype=torch.float64) + 1.5 * torch.nn.functional.one_hot(y, 4)[:, :4].double()
+    return Dataset(x[:n], y[:n], x[n:], y[n:], n_classes=3)
+
+
+def _setting(mode="warm", retrain="sgd", replicates=2, optimizer="sgd") -> Setting:
+    train = (TrainSpec(weight_decay=1e-2, optimizer=optimizer, lr=0.1, momentum=0.9, batch_size=16, epochs=20)
+             if optimizer != "lbfgs+newton" else TrainSpec(weight_decay=1e-2))
+    gt = GroundTruthSpec(mode=mode, retrain=retrain, lr=0.05, momentum=0.9, batch_size=16, steps=60,
+                         replicates=replicates)
+    return Setting(id=f"test-minibatch-{mode}", tier="smoke", data=DataSpec("iris", 96, 24),
+                   model=ModelSpec("mlp", depth=1, width=8), train=train, ground_truth=gt,
+                   protocol=ProtocolSpec(default=("loo-fixed",)))
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    fm = FlatModel(mlp(4, 3, 1, 8).double())
+    ds = _blobs(64, 16)
+    return fm, ds
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.optimizer}-m{r.momentum}")
+def test_batched_equals_torch_optim_one_model_at_a_time(small, recipe):
+    fm, ds = small
+    w = torch.ones(4, 64, dtype=torch.float64)
+    w[1, 3] = 0
+    w[2, 40] = 0
+    w[3, :10] = 0
+    a = mb.train_batched(fm, fm.flat(), w, ds.x_train, ds.y_train, 1e-3, recipe, seed=5)
+    b = mb.train_sequential(fm, fm.flat(), w, ds.x_train, ds.y_train, 1e-3, recipe, seed=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert (a[0] - a[1]).abs().max() > 1e-6  # the removal changed the model
+
+
+@hsettings(max_examples=15, deadline=None)
+@given(n=st.integers(5, 80), bs=st.integers(1, 5), steps=st.integers(0, 60), seed=st.integers(0, 2**31 - 1))
+def test_data_order_is_a_permutation_per_epoch_and_depends_on_the_seed_alone(n, bs, steps, seed):
+    order = mb.data_order(n, bs, steps, seed).numpy()
+    assert order.shape == (steps, bs)
+    per_epoch = n // bs
+    for e in range(0, steps, per_epoch):
+        block = order[e:e + per_epoch].ravel()
+        assert len(np.unique(block)) == len(block) and block.min(initial=0) >= 0 and block.max(initial=0) < n
+    np.testing.assert_array_equal(order, mb.data_order(n, bs, steps, seed).numpy())
+
+
+def test_a_model_does_not_depend_on_its_chunk(small):
+    fm, ds = small
+    w = torch.ones(3, 64, dtype=torch.float64)
+    w[1, 7] = 0
+    w[2, 8] = 0
+    r = RECIPES[1]
+    together = mb.train_batched(fm, fm.flat(), w, ds.x_train, ds.y_train, 1e-3, r, seed=1)
+    alone = mb.train_batched(fm, fm.flat(), w[1:2], ds.x_train, ds.y_train, 1e-3, r, seed=1)
+    torch.testing.assert_close(together[1:2], alone, rtol=0, atol=1e-12)
+
+
+def test_batchnorm_in_training_mode_falls_back_to_sequential_with_a_warning():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                 torch.nn.Linear(8, 3)).double().train()
+    fm = FlatModel(module)
+    ds = _blobs(32, 4)
+    w = torch.ones(2, 32, dtype=torch.float64)
+    w[1, 0] = 0
+    r = mb.Recipe("sgd", 0.1, 8, 5)
+    with pytest.warns(UserWarning, match="BatchNorm in training mode.*one model at a time"):
+        got = mb.train(fm, fm.flat(), w, ds.x_train, ds.y_train, 0.0, r, 0, what="bn-model")
+    want = mb.train_sequential(fm, fm.flat(), w, ds.x_train, ds.y_train, 0.0, r, 0)
+    torch.testing.assert_close(got, want)
+
+
+def test_convolutions_give_the_same_models_batched_and_sequential():
+    from influence_bench.cnn import AllConvCNN
+
+    torch.manual_seed(0)
+    fm = FlatModel(AllConvCNN(1, 3, width=2).double())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.arange(24) % 3
+    w = torch.ones(2, 24, dtype=torch.float64)
+    w[1, 5] = 0
+    r = mb.Recipe("sgd", 0.1, 8, 6, momentum=0.9)
+    a = mb.train_batched(fm, fm.flat(), w, x, y, 1e-3, r, 0)
+    b = mb.train_sequential(fm, fm.flat(), w, x, y, 1e-3, r, 0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert mb.prefer_sequential(fm, torch.device("cpu"))
+
+
+def test_warm_minibatch_ground_truth_replicates_and_ceiling(tmp_path):
+    ctx = build_context(_setting(), _blobs(96, 24), use_cache=False)
+    assert engine.stochastic(ctx) and engine.n_replicates(ctx) == 2
+    store = GroundTruthStore(tmp_path, shipped=None)
+    removed = np.arange(0, 96, 3)
+    e = build(ctx, "loo", removed, store)
+    r0 = store.load(store_key(ctx, "loo", replicate=0)).select(removed).delta
+    r1 = store.load(store_key(ctx, "loo", replicate=1)).select(removed).delta
+    np.testing.assert_allclose(e.delta, (r0 + r1) / 2)
+    assert np.abs(r0 - r1).max() > 0  # different data orders
+    assert 0 < e.noise_ceiling <= 1
+    # the same replicate recomputed: bit-identical (the data order is a function of the seed)
+    np.testing.assert_array_equal(engine.compute(ctx, removed[:4], replicate=1).delta, r1[:4])
+    assert store_key(ctx, "loo", replicate=0).digest != store_key(ctx, "loo", replicate=1).digest
+
+
+def test_scratch_control_of_replicate_zero_is_theta_star():
+    ctx = build_context(_setting(mode="scratch"), _blobs(96, 24), use_cache=False)
+    res = engine.retrain(ctx, np.array([-1, 5]))
+    torch.testing.assert_close(res.theta[0], ctx.theta, rtol=0, atol=1e-10)
+    assert (res.theta[1] - ctx.theta).abs().max() > 1e-6
+
+
+def test_scratch_on_a_full_batch_setting_is_refused_clearly():
+    ctx = build_context(_setting(mode="scratch", optimizer="lbfgs+newton"), _blobs(96, 24), use_cache=False)
+    with pytest.raises(ValueError, match="test-minibatch-scratch.*scratch.*lbfgs"):
+        build(ctx, "loo", np.arange(3), GroundTruthStore(None, shipped=None))
+
+
+def test_minibatch_ground_truth_without_a_learning_rate_is_refused():
+    s = _setting()
+    bad = Setting(**{**s.__dict__, "ground_truth": GroundTruthSpec(retrain="adam", batch_size=16, steps=5)})
+    ctx = build_context(bad, _blobs(96, 24), use_cache=False)
+    with pytest.raises(ValueError, match="needs lr > 0"):
+        engine.compute(ctx, np.arange(2))
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
+    ctx = build_context(_setting(), _blobs(96, 24), use_cache=False)
+    removed = np.arange(10)
+    want = engine.compute(ctx, removed, chunk=64).delta
+    real = engine.retrain_weights
+    sizes = []
+
+    def limited(ctx_, w, *a, **k):
+        sizes.append(w.shape[0])
+        if w.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(ctx_, w, *a, **k)
+
+    monkeypatch.setattr(engine, "retrain_weights", limited)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = engine.compute(ctx, removed, chunk=64).delta
+    np.testing.assert_array_equal(got, want)
+    assert max(s for s in sizes if s <= 3) == 2 or 3 in sizes
+    assert any("halving the chunk" in str(w.message) for w in caught)
