@@ -7,6 +7,7 @@ import difflib
 import fnmatch
 from typing import Iterable
 
+from .catalog_paper import paper_settings
 from .settings import DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TrainSpec, make_id
 
 IRIS = DataSpec("iris", n_train=120, n_test=30, split_seed=0)
@@ -106,6 +107,7 @@ def _build() -> dict[str, Setting]:
     ]
     out += _iris_grid()
     out += _image_settings()
+    out += paper_settings()
     settings = {s.id: s for s in out}
     assert len(settings) == len(out), "duplicate setting ids in the catalog"
     return settings

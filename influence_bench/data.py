@@ -124,42 +124,61 @@ def subset_of_train_split(y_all: np.ndarray, spec: DataSpec) -> tuple[np.ndarray
     return sub[tr_local], sub[te_local]
 
 
+def official_or_subset(arrays: Arrays, spec: DataSpec) -> Arrays:
+    """The (x_train, y_train, x_test, y_test) images a spec asks for.
+
+    ``n_train`` equal to the whole official training set (MNIST 60,000, CIFAR-10 50,000) means the
+    official split: every training image, in order, and as test set the official test images (all
+    of them if ``n_test`` is the test set's size, else a stratified seeded subset of it). Any smaller
+    ``n_train`` draws train and test from the training images (``subset_of_train_split``)."""
+    x_tr, y_tr, x_te, y_te = arrays
+    y_tr, y_te = np.asarray(y_tr, dtype=np.int64), np.asarray(y_te, dtype=np.int64)
+    if spec.n_train == len(y_tr):
+        if spec.n_test > len(y_te):
+            raise ValueError(f"{spec.name} has {len(y_te)} test images; asked for {spec.n_test}")
+        te = np.arange(len(y_te)) if spec.n_test == len(y_te) else \
+            stratified_split(y_te, spec.n_test, spec.split_seed)[0]
+        return x_tr, y_tr, x_te[te], y_te[te]
+    tr, te = subset_of_train_split(y_tr, spec)
+    return x_tr[tr], y_tr[tr], x_tr[te], y_tr[te]
+
+
 def load_mnist(spec: DataSpec, root: Path | None = None) -> Dataset:
-    """A stratified seeded subset of MNIST's training images, split stratified into train/test,
-    standardised by one scalar mean/std of the training subset; ``layout="image"`` gives
-    ``[n, 1, 28, 28]``, else flat rows."""
+    """A stratified seeded subset of MNIST's training images, split stratified into train/test
+    (or the official split, see ``official_or_subset``), standardised by one scalar mean/std of the
+    training images; ``layout="image"`` gives ``[n, 1, 28, 28]``, else flat rows."""
     root = Path(root) if root is not None else data_dir()
-    (x_all, y_all, _, _), source = read_arrays("mnist", root)
-    y_all = np.asarray(y_all)
-    tr, te = subset_of_train_split(y_all, spec)
-    x = np.asarray(x_all, dtype=np.float64).reshape(len(x_all), -1) / 255.0
-    mean, std = x[tr].mean(), x[tr].std()  # one scalar pair: the usual image standardisation
-    xtr, xte = (x[tr] - mean) / std, (x[te] - mean) / std
+    arrays, source = read_arrays("mnist", root)
+    x_tr, y_tr, x_te, y_te = official_or_subset(arrays, spec)
+    xtr = np.asarray(x_tr, dtype=np.float64).reshape(len(x_tr), -1) / 255.0
+    xte = np.asarray(x_te, dtype=np.float64).reshape(len(x_te), -1) / 255.0
+    mean, std = xtr.mean(), xtr.std()  # one scalar pair: the usual image standardisation
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
     if spec.layout == "image":
         xtr, xte = xtr.reshape(-1, 1, 28, 28), xte.reshape(-1, 1, 28, 28)
-    return _tensors(xtr, y_all[tr], xte, y_all[te], 10, source)
+    return _tensors(xtr, y_tr, xte, y_te, 10, source)
 
 
 def load_cifar10(spec: DataSpec, root: Path | None = None) -> Dataset:
     """A class-balanced seeded subset of CIFAR-10's training images (uint8 NHWC on disk), split
-    stratified into train/test, as float ``[n, 3, 32, 32]`` standardised per channel with the
-    training subset's mean and std (``layout="flat"``: the same pixels as rows).
+    stratified into train/test (or the official split, see ``official_or_subset``), as float
+    ``[n, 3, 32, 32]`` standardised per channel with the training images' mean and std
+    (``layout="flat"``: the same pixels as rows).
 
     The offline ``cifar10.npz`` of this project is JPEG-decoded (lossy, see its README); the
     source read is recorded in ``Dataset.source``.
     """
     root = Path(root) if root is not None else data_dir()
-    (x_all, y_all, _, _), source = read_arrays("cifar10", root)
-    y_all = np.asarray(y_all, dtype=np.int64)
-    tr, te = subset_of_train_split(y_all, spec)
-    x_tr = np.asarray(x_all[tr], dtype=np.float64).transpose(0, 3, 1, 2) / 255.0
-    x_te = np.asarray(x_all[te], dtype=np.float64).transpose(0, 3, 1, 2) / 255.0
+    arrays, source = read_arrays("cifar10", root)
+    x_tr, y_tr, x_te, y_te = official_or_subset(arrays, spec)
+    x_tr = np.asarray(x_tr, dtype=np.float64).transpose(0, 3, 1, 2) / 255.0
+    x_te = np.asarray(x_te, dtype=np.float64).transpose(0, 3, 1, 2) / 255.0
     mean = x_tr.mean(axis=(0, 2, 3), keepdims=True)
     std = x_tr.std(axis=(0, 2, 3), keepdims=True)
     x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     if spec.layout == "flat":
-        x_tr, x_te = x_tr.reshape(len(tr), -1), x_te.reshape(len(te), -1)
-    return _tensors(x_tr, y_all[tr], x_te, y_all[te], 10, source)
+        x_tr, x_te = x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1)
+    return _tensors(x_tr, y_tr, x_te, y_te, 10, source)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

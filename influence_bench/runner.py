@@ -80,13 +80,21 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
              protocols: tuple[str, ...] | None = None, store: GroundTruthStore | None = None) -> list[Case]:
     """All cases of one estimator on one setting. Never raises for estimator failures: they become
     ``error`` / ``skipped`` cases carrying the message (the other cases still run)."""
+    return evaluate_context(estimator, get_context(setting, device), protocols, store)
+
+
+def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
+                     store: GroundTruthStore | None = None, info: dict | None = None) -> list[Case]:
+    """``evaluate`` on a context built by the caller (e.g. ``context.build_context`` on generated
+    fixture data the setting's hash does not describe). ``info`` replaces the per-setting record of
+    ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given."""
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
+    setting = ctx.setting
     protocols = tuple(protocols) if protocols else setting.protocol.default
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting))
-    ctx = get_context(setting, device)
-    base["device"] = str(ctx.device)
+                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting),
+                device=str(ctx.device))
     try:
         influence, cost = run_estimator(est, ctx)
     except EstimatorUnsupported as exc:
@@ -96,7 +104,7 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
         return [Case(protocol=p, metric=m, status="error", message=str(exc), **base)
                 for p in protocols for m in metrics.METRICS]
     compared = {p: compare(influence, ctx, p, store) for p in protocols}
-    info = setting_info(ctx)  # after ground truth, which has formed the Hessian where it can
+    info = setting_info(ctx) if info is None else info  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:
         predicted, actual, ceiling = compared[p]

@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from . import curvature, minibatch
 from .data import Dataset
+from .init_weights import init_weights_sha256, load_init_weights, tagged_cache_path
 from .models import FlatModel, build_model
 from .newton import Preconditioner, newton_cg_batched
 from .paths import cache_dir, read_npz, write_json, write_npz
@@ -162,7 +163,18 @@ class Trained:
 
 
 def model_cache_path(setting: Setting) -> Path:
-    return cache_dir() / "models" / f"{setting.id}-{setting.training_hash}.npz"
+    """The cache entry of theta*: keyed by what determines it (``training_hash``) and, when the user
+    supplies initial weights (``init_weights.py``), by the weights file's sha256."""
+    path = cache_dir() / "models" / f"{setting.id}-{setting.training_hash}.npz"
+    return tagged_cache_path(path, init_weights_sha256(setting))
+
+
+def initial_module(setting: Setting, data: Dataset, dtype, device) -> torch.nn.Module:
+    """The setting's model at its initialisation: seeded, or the user's weights where supplied."""
+    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype,
+                         in_shape=tuple(data.x_train.shape[1:]))
+    load_init_weights(setting, module)
+    return module.to(device)
 
 
 def _objective_grad(fm: FlatModel, data: Dataset, weight_decay: float):
@@ -288,9 +300,7 @@ def _fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
 def train(setting: Setting, data: Dataset, device: str = "cpu", use_cache: bool = True) -> Trained:
     """theta* for ``setting``: loaded from the cache if present, else trained and stored."""
     dtype = DTYPES[setting.train.dtype]
-    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype,
-                         in_shape=tuple(data.x_train.shape[1:])).to(device)
-    fm = FlatModel(module)
+    fm = FlatModel(initial_module(setting, data, dtype, device))
     path = model_cache_path(setting)
     if use_cache and path.is_file():
         got = _load(path, fm, device, dtype)
@@ -360,9 +370,7 @@ def checkpoints(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Ten
                 return Checkpoints.from_arrays(z, device, dtype)
         except (OSError, ValueError, KeyError):
             pass
-    module = build_model(setting.model, data.n_features, data.n_classes, setting.train.seed, dtype,
-                         in_shape=tuple(data.x_train.shape[1:])).to(device)
-    replay_fm = FlatModel(module)
+    replay_fm = FlatModel(initial_module(setting, data, dtype, device))
     rec = TrajectoryRecorder()
     theta_replay, _, _ = fit(replay_fm, replay_fm.flat().to(device), data, setting, rec)
     ckpt = _finish(rec, replay_fm, data, setting, theta)  # the cached theta* is the final checkpoint

@@ -7,7 +7,8 @@ import torch
 
 from influence_bench.context import build_context
 from influence_bench.data import Dataset
-from influence_bench.settings import DataSpec, ModelSpec, Setting, TestPointSpec, TrainSpec
+from influence_bench.settings import (DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TestPointSpec,
+                                      TrainSpec)
 
 
 def ridge_context(n: int, d: int, weight_decay: float, seed: int = 0, n_test: int = 6):
@@ -87,3 +88,22 @@ def scipy_logreg_test_losses(ctx, weights: np.ndarray) -> np.ndarray:
         return -(z[np.arange(len(yt)), yt] - np.log(np.exp(z).sum(1)))
 
     return np.array([test_loss(fit(np.asarray(w, dtype=float))) for w in np.atleast_2d(weights)])
+
+
+def blobs(n: int, n_test: int, seed: int = 0) -> Dataset:
+    """Three seeded Gaussian classes in 4-d (float64), for minibatch-engine tests."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n + n_test) % 3
+    x = torch.randn(n + n_test, 4, generator=g, dtype=torch.float64) + 1.5 * torch.nn.functional.one_hot(y, 4)[:, :4].double()
+    return Dataset(x[:n], y[:n], x[n:], y[n:], n_classes=3)
+
+
+def minibatch_setting(mode="warm", retrain="sgd", replicates=2, optimizer="sgd") -> Setting:
+    """A small tanh MLP trained by minibatch SGD (or full batch), warm SGD ground truth in replicates."""
+    train = (TrainSpec(weight_decay=1e-2, optimizer=optimizer, lr=0.1, momentum=0.9, batch_size=16, epochs=20)
+             if optimizer != "lbfgs+newton" else TrainSpec(weight_decay=1e-2))
+    gt = GroundTruthSpec(mode=mode, retrain=retrain, lr=0.05, momentum=0.9, batch_size=16, steps=60,
+                         replicates=replicates)
+    return Setting(id=f"test-minibatch-{mode}", tier="smoke", data=DataSpec("iris", 96, 24),
+                   model=ModelSpec("mlp", depth=1, width=8), train=train, ground_truth=gt,
+                   protocol=ProtocolSpec(default=("loo-fixed",)))

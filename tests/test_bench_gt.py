@@ -19,3 +19,17 @@ def test_bench_ground_truth_agrees_and_reports_ratio_and_gflops(tmp_path, capsys
 def test_bench_unknown_setting_is_a_clear_error(capsys):
     assert main(["bench", "ground-truth", "iris-mlp-d99"]) == 2
     assert "iris-mlp-d99" in capsys.readouterr().err
+
+
+def test_bench_minibatch_recipe_times_vmap_against_torch_optim():
+    import numpy as np
+
+    from influence_bench.bench_gt import bench_ground_truth, format_bench
+    from influence_bench.context import build_context
+    from helpers import blobs, minibatch_setting
+
+    ctx = build_context(minibatch_setting(), blobs(96, 24), use_cache=False)
+    r = bench_ground_truth(ctx, np.arange(5))
+    assert r.n_models == 6 and r.vmap_s == r.batched_s and r.engine_choice == "vmap"
+    assert r.max_abs_diff <= 1e-9 * max(r.max_abs_delta, 1e-12) + 1e-12
+    assert "engine default" in format_bench(r)

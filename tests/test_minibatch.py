@@ -11,30 +11,14 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from influence_bench import minibatch as mb
 from influence_bench.context import build_context
-from influence_bench.data import Dataset
 from influence_bench.groundtruth import GroundTruthStore, build, engine
 from influence_bench.groundtruth.build import store_key
 from influence_bench.models import FlatModel, mlp
-from influence_bench.settings import DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TrainSpec
+from influence_bench.settings import GroundTruthSpec, Setting
+
+from helpers import blobs as _blobs, minibatch_setting as _setting
 
 RECIPES = [mb.Recipe("sgd", 0.1, 16, 40), mb.Recipe("sgd", 0.05, 16, 40, momentum=0.9), mb.Recipe("adam", 0.01, 16, 40)]
-
-
-def _blobs(n: int, n_test: int, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n + n_test) % 3
-    x = torch.randn(n + n_test, 4, generator=g, dtype=torch.float64) + 1.5 * torch.nn.functional.one_hot(y, 4)[:, :4].double()
-    return Dataset(x[:n], y[:n], x[n:], y[n:], n_classes=3)
-
-
-def _setting(mode="warm", retrain="sgd", replicates=2, optimizer="sgd") -> Setting:
-    train = (TrainSpec(weight_decay=1e-2, optimizer=optimizer, lr=0.1, momentum=0.9, batch_size=16, epochs=20)
-             if optimizer != "lbfgs+newton" else TrainSpec(weight_decay=1e-2))
-    gt = GroundTruthSpec(mode=mode, retrain=retrain, lr=0.05, momentum=0.9, batch_size=16, steps=60,
-                         replicates=replicates)
-    return Setting(id=f"test-minibatch-{mode}", tier="smoke", data=DataSpec("iris", 96, 24),
-                   model=ModelSpec("mlp", depth=1, width=8), train=train, ground_truth=gt,
-                   protocol=ProtocolSpec(default=("loo-fixed",)))
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +154,19 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
     np.testing.assert_array_equal(got, want)
     assert max(s for s in sizes if s <= 3) == 2 or 3 in sizes
     assert any("halving the chunk" in str(w.message) for w in caught)
+
+
+def test_modes_have_their_own_store_keys_and_pbrf_needs_no_control(tmp_path):
+    from influence_bench.groundtruth import pbrf
+
+    s = _setting(optimizer="lbfgs+newton", retrain="newton-cg", replicates=1)
+    warm = build_context(s, _blobs(96, 24), use_cache=False)
+    p = build_context(s.with_mode("pbrf"), _blobs(96, 24), use_cache=False)
+    assert not engine.stochastic(warm) and not engine.stochastic(p)
+    assert store_key(warm, "loo").digest != store_key(p, "loo").digest
+    assert p.setting.ground_truth.max_steps >= 50 and p.setting.with_mode("pbrf") is p.setting
+    got = build(p, "loo", np.arange(4), GroundTruthStore(tmp_path, shipped=None)).delta
+    np.testing.assert_allclose(got, pbrf.compute(p, np.arange(4)).delta, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown ground-truth mode 'exactish'"):
+        s.with_mode("exactish")
+    assert s.with_mode("pbrf").training_hash == s.training_hash  # one trained model for every mode

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import metrics
 from ..context import Context
+from ..init_weights import init_weights_sha256
 from ..settings import part_dict
 from . import engine, lds
 from .store import Entries, GroundTruthStore, StoreKey
@@ -47,6 +48,9 @@ def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAU
         config["lds"] = lds_spec.config()
     payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
                "data": data_fingerprint(ctx), "engine": engine.ENGINE_VERSION}
+    init = init_weights_sha256(s)
+    if init is not None:  # theta* started from the user's weights
+        payload["init_weights"] = init
     if s.ground_truth.mode == "pbrf":
         from .pbrf import PBRF_VERSION
 
