@@ -48,7 +48,7 @@ class Arnoldi(Estimator):
     damping: float = 0.0
     seed: int = 0
     max_basis_mb: float = 4096.0
-    max_seconds: float = 600.0  # refuse when the n_iters Hessian-vector products would take longer
+    max_seconds: float = 120.0  # refuse when the n_iters Hessian-vector products would take longer
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:

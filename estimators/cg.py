@@ -51,7 +51,7 @@ class ConjugateGradient(Estimator):
     max_iters: int = 1000
     chunk_size: int | None = None
     on_negative_curvature: str = "continue"  # "continue" | "stop" | "raise"
-    max_seconds: float = 600.0  # refuse when even 50 iterations per test point would take longer
+    max_seconds: float = 120.0  # refuse when even 50 iterations per test point would take longer
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:

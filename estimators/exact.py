@@ -23,7 +23,7 @@ class Exact(Estimator):
 
     damping: float = 0.0
     max_params: int = 12_000  # the Hessian is max_params^2 floats (1.2 GB in float64 at 12k)
-    max_seconds: float = 600.0  # refuse when forming the Hessian (n_params HVPs) would take longer
+    max_seconds: float = 120.0  # refuse when forming the Hessian (n_params HVPs) would take longer
 
     def influence(self, ctx):
         if ctx.n_params > self.max_params:

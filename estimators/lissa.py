@@ -91,6 +91,7 @@ class LiSSA(Estimator):
     probe_batches: int = 5
     max_scale: float = 1e8
     test_chunk_size: int | None = None
+    max_seconds: float = 120.0  # refuse when depth x repeats batch HVPs would take longer (one scale)
 
     def __post_init__(self):
         if self.curvature not in CURVATURES:
@@ -105,6 +106,9 @@ class LiSSA(Estimator):
         n = ctx.n_train
         full = self.batch_size is None or self.batch_size >= n
         repeats = 1 if full else self.repeats
+        frac = 1.0 if full else self.batch_size / n  # a batch HVP costs about this share of a full one
+        ctx.check_hvp_budget(self.depth * repeats * frac, self.name, self.max_seconds,
+                             f"{self.depth} recursion steps x {repeats} repeats on batches of {self.batch_size or n}")
         d = self.diagnostics
         d["curvature"] = self.curvature
         d["full_batch"] = full

@@ -70,7 +70,7 @@ def _iris_grid() -> list[Setting]:
 # estimator). Smoke: the small CNN on the 5k MNIST subset and on a class-balanced 2k CIFAR-10
 # subset, each with weight decay 1e-3 and 0; LeNet-5 and the 5k CIFAR subset are `standard`.
 CNN_TRAIN = dict(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=100, epochs=30, dtype="float32")
-CNN_GROUND_TRUTH = GroundTruthSpec(mode="warm", retrain="sgd", lr=0.05, momentum=0.9, batch_size=100,
+CNN_GROUND_TRUTH = GroundTruthSpec(mode="warm", retrain="sgd", lr=0.005, momentum=0.9, batch_size=100,
                                    steps=0, replicates=2)
 CNN_WARM_EPOCHS = 10
 CNN_PROTOCOLS = ProtocolSpec(default=("loo-fixed",))

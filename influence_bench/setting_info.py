@@ -30,7 +30,7 @@ BOTTOM_TOL = 1e-4
 # Above this many seconds for the explicit Hessian (n_params x the measured HVP time), only the top
 # eigenvalues, by Lanczos on HVPs (``_top_only``).
 HESSIAN_BUDGET_S = 300.0
-TOP_ONLY_HVPS = 20
+TOP_ONLY_HVPS = 10
 
 
 def hessian_extremes(ctx: Context, k: int = 3) -> dict:

@@ -224,9 +224,9 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
     A ``recorder`` sees every L-BFGS iterate (the result is the same with or without one).
     """
     spec = setting.train
-    if spec.minibatch:
-        return _fit_minibatch(fm, theta0, data, setting, recorder)
-    with _reproducible_threads(spec.weight_decay):
+    with _reproducible_threads(spec.weight_decay == 0 or spec.minibatch):
+        if spec.minibatch:
+            return _fit_minibatch(fm, theta0, data, setting, recorder)
         return _fit(fm, theta0, data, setting, recorder)
 
 
@@ -257,13 +257,14 @@ def _fit_minibatch(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: 
 
 
 @contextlib.contextmanager
-def _reproducible_threads(weight_decay: float):
-    """Without weight decay a net has no minimiser: L-BFGS runs its whole budget along a flat
-    valley, and rounding differences (the order of a multi-threaded reduction) grow into a
-    different end point, so theta* (and the test points chosen from its losses) would depend on the
-    machine's thread count. Such fits run on one thread, which makes theta* reproducible across
-    thread counts; with weight decay the fit converges to one minimiser whatever the rounding."""
-    if weight_decay > 0:
+def _reproducible_threads(pin: bool):
+    """Fits whose end point depends on rounding run on one thread. Without weight decay a net has
+    no minimiser: L-BFGS runs its whole budget along a flat valley. Minibatch SGD is chaotic over
+    its thousand steps. In both, rounding differences (the order of a multi-threaded reduction)
+    grow into a different end point, so theta* (and the test points chosen from its losses, which
+    key the shipped ground truth) would depend on the machine's thread count. With weight decay a
+    full-batch fit converges to one minimiser whatever the rounding, and keeps every thread."""
+    if not pin:
         yield
         return
     before = torch.get_num_threads()

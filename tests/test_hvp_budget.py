@@ -1,0 +1,41 @@
+"""Cost-bounded curvature: estimators built on Hessian-vector products refuse, with an estimate, when
+their products would exceed max_seconds on this machine, and the curvature record falls back to the
+top eigenvalues only."""
+
+import pytest
+
+from influence_bench import setting_info
+from influence_bench.context import build_context
+from influence_bench.estimator import EstimatorUnsupported
+from influence_bench.registry import REGISTRY
+
+from helpers import blobs, minibatch_setting
+
+
+@pytest.fixture
+def ctx():
+    return build_context(minibatch_setting(optimizer="lbfgs+newton", retrain="newton-cg", replicates=1),
+                         blobs(96, 24), use_cache=False)
+
+
+def test_hvp_time_is_measured_once(ctx):
+    t = ctx.hvp_seconds()
+    assert 0 < t < 5 and ctx.hvp_seconds() == t
+
+
+@pytest.mark.parametrize("name", ["exact", "cg", "arnoldi", "lissa"])
+def test_hvp_estimators_refuse_beyond_their_budget_with_the_estimate(ctx, name):
+    ctx._cache["hvp_seconds"] = 10.0  # as if one product took 10 s (a CNN on CPU)
+    with pytest.raises(EstimatorUnsupported, match=rf"{name} on 'test-minibatch-warm'.*Hessian-vector products.*"
+                                                   r"max_seconds=120.*GPU"):
+        REGISTRY.create(name).influence(ctx)
+    REGISTRY.create(name, max_seconds=1e9).influence(ctx)  # a raised budget runs it
+
+
+def test_curvature_record_falls_back_to_top_eigenvalues(ctx):
+    ctx._cache["hvp_seconds"] = 10.0
+    info = setting_info.hessian_extremes(ctx)
+    assert info["bottom"] is None and "top only" in info["method"] and len(info["top"]) == 3
+    ctx._cache["hvp_seconds"] = 1e-4
+    dense = setting_info.hessian_extremes(ctx)
+    assert abs(dense["top"][0] - info["top"][0]) < 1e-6 * abs(dense["top"][0])  # 10 Lanczos steps suffice here
