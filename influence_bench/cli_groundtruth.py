@@ -104,20 +104,32 @@ def _verify(args) -> int:
 
 def _info(args) -> int:
     from .context import get_context
-    from .groundtruth import GroundTruthStore, store_key
+    from .groundtruth import GroundTruthStore, build, engine
+    from .groundtruth.build import replicate_keys
 
     store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
     ctx = get_context(catalog.get_setting(args.setting), args.device)
     print(f"{args.setting} (spec {ctx.setting.spec_hash}, mode {ctx.setting.ground_truth.mode}), store {store.root}")
+
     for kind, protocols in (("loo", "loo-fixed, loo-topk"), ("lds", "lds")):
-        i = store.info(store_key(ctx, kind))
-        grad = f"{i['max_grad_norm']:.1e}" if i["max_grad_norm"] is not None else "-"
-        print(f"  {kind:<4} ({protocols}): {i['entries']} entries in {i['shards']} shard(s), {i['bytes']} bytes, "
-              f"noise ceiling {i['noise_ceiling']:.2f}, max grad norm {grad}, key {i['key']}\n       {i['path']}")
-        key = store_key(ctx, kind)
-        shipped = store.load_shipped(key, ctx.test_idx)
-        if len(shipped.ids):
-            print(f"       shipped: {len(shipped.ids)} entries at the {ctx.n_test} evaluated test points in {store.shipped}")
+        keys = replicate_keys(ctx, kind)
+        for r, key in enumerate(keys):
+            i = store.info(key)
+            grad = f"{i['max_grad_norm']:.1e}" if i["max_grad_norm"] is not None else "-"
+            rep = f" replicate {r}/{len(keys)}" if engine.stochastic(ctx) else ""
+            ceiling = "" if engine.stochastic(ctx) else f"noise ceiling {i['noise_ceiling']:.2f}, "
+            print(f"  {kind:<4} ({protocols}){rep}: {i['entries']} entries in {i['shards']} shard(s), {i['bytes']} bytes, "
+                  f"{ceiling}max grad norm {grad}, key {i['key']}\n       {i['path']}")
+            shipped = store.load_shipped(key, ctx.test_idx)
+            if len(shipped.ids):
+                print(f"       shipped: {len(shipped.ids)} entries at the {ctx.n_test} evaluated test points in {store.shipped}")
+        if kind == "loo" and len(keys) > 1:
+            got = [store.load_for(k, ctx.test_idx) for k in keys]
+            common = got[0].ids[np.all([np.isin(got[0].ids, g.ids) for g in got], axis=0)]
+            if len(common) > 2:
+                ceiling = build(ctx, kind, common, store, cols=ctx.test_idx).noise_ceiling
+                print(f"  noise ceiling (split-half over {len(keys)} replicates, {len(common)} removals, evaluated "
+                      f"test points): {ceiling:.3f}")
     return 0
 
 

@@ -186,8 +186,8 @@ def _objective_grad(fm: FlatModel, data: Dataset, weight_decay: float):
 
 
 def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay: float,
-                max_steps: int, grad_tol: float, recorder: TrajectoryRecorder | None = None
-                ) -> tuple[torch.Tensor, float, int]:
+                max_steps: int, grad_tol: float, recorder: TrajectoryRecorder | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """Full-batch L-BFGS (strong Wolfe) on the training objective until ||grad|| < grad_tol.
 
     With a ``recorder``, every accepted iterate is reported to it (same trajectory).
@@ -202,7 +202,7 @@ def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay
 
     def closure():
         opt.zero_grad()
-        loss = curvature.objective(fm, theta, data.x_train, data.y_train, weight_decay)
+        loss = curvature.objective(fm, theta, data.x_train, data.y_train, weight_decay, weights)
         loss.backward()
         return loss
 
@@ -210,7 +210,8 @@ def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay
     for _ in range(10):  # LBFGS may stop early on a flat line search; restart a few times
         opt.step(closure)
         steps = opt.state[opt._params[0]]["n_iter"]
-        g = torch.autograd.grad(curvature.objective(fm, theta, data.x_train, data.y_train, weight_decay), theta)[0]
+        g = torch.autograd.grad(curvature.objective(fm, theta, data.x_train, data.y_train, weight_decay, weights),
+                                theta)[0]
         if g.norm() < grad_tol or steps >= max_steps:
             break
     gnorm = float(g.norm())
@@ -218,16 +219,21 @@ def train_lbfgs(fm: FlatModel, theta0: torch.Tensor, data: Dataset, weight_decay
 
 
 def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
-        recorder: TrajectoryRecorder | None = None) -> tuple[torch.Tensor, float, int]:
+        recorder: TrajectoryRecorder | None = None, weights: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, float, int]:
     """L-BFGS to ``lbfgs_tol``, then Newton polish to ``grad_tol``; returns (theta*, ||grad||, steps).
 
     A ``recorder`` sees every L-BFGS iterate (the result is the same with or without one).
+    ``weights`` ([n], full-batch recipes only): per-point weights of the objective (0 = removed),
+    for scratch retraining.
     """
     spec = setting.train
     with _reproducible_threads(spec.weight_decay == 0 or spec.minibatch):
         if spec.minibatch:
+            if weights is not None:
+                raise ValueError("minibatch fits take their weights through minibatch.train")
             return _fit_minibatch(fm, theta0, data, setting, recorder)
-        return _fit(fm, theta0, data, setting, recorder)
+        return _fit(fm, theta0, data, setting, recorder, weights)
 
 
 def minibatch_recipe(setting: Setting, n_train: int) -> "minibatch.Recipe":
@@ -276,16 +282,20 @@ def _reproducible_threads(pin: bool):
 
 
 def _fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
-         recorder: TrajectoryRecorder | None = None) -> tuple[torch.Tensor, float, int]:
+         recorder: TrajectoryRecorder | None = None, weights: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, float, int]:
     spec = setting.train
-    theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol, recorder)
+    theta, gnorm, steps = train_lbfgs(fm, theta0, data, spec.weight_decay, spec.max_steps, spec.lbfgs_tol, recorder,
+                                      weights)
     if recorder is not None:
         recorder.theta_end = theta.clone()
     if gnorm > spec.grad_tol and spec.newton_steps > 0:
         # Newton-CG polish with a line search; deep tanh nets have near-flat directions where
         # undamped steps stall, so damping (Levenberg-Marquardt) is raised until it helps.
+        # (with ``weights`` the unweighted Hessian only preconditions: removing points changes it by O(1/n))
         H = curvature.hessian(fm, theta, data.x_train, data.y_train, spec.weight_decay)
-        ones = torch.ones(1, data.x_train.shape[0], dtype=theta.dtype, device=theta.device)
+        ones = (torch.ones(1, data.x_train.shape[0], dtype=theta.dtype, device=theta.device) if weights is None
+                else weights[None].to(theta.dtype))
         for damping in (0.0, 1e-4):
             res = newton_cg_batched(fm, theta, ones, data.x_train, data.y_train, spec.weight_decay,
                                     Preconditioner.from_hessian(H, damping), spec.newton_steps,

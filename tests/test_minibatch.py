@@ -120,10 +120,18 @@ def test_scratch_control_of_replicate_zero_is_theta_star():
     assert (res.theta[1] - ctx.theta).abs().max() > 1e-6
 
 
-def test_scratch_on_a_full_batch_setting_is_refused_clearly():
-    ctx = build_context(_setting(mode="scratch", optimizer="lbfgs+newton"), _blobs(96, 24), use_cache=False)
-    with pytest.raises(ValueError, match="test-minibatch-scratch.*scratch.*lbfgs"):
-        build(ctx, "loo", np.arange(3), GroundTruthStore(None, shipped=None))
+def test_scratch_on_a_convex_full_batch_setting_is_the_leave_one_out_optimum():
+    from influence_bench import catalog
+    from influence_bench.context import get_context
+
+    warm = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
+    scratch = get_context(warm.setting.with_mode("scratch"))
+    assert not engine.stochastic(scratch) and engine.n_replicates(scratch) == 1
+    res = engine.retrain(scratch, np.array([-1, 4]))
+    torch.testing.assert_close(res.theta[0], scratch.theta, rtol=0, atol=1e-8)  # the control is theta*
+    removed = np.array([4, 60, 111])
+    np.testing.assert_allclose(engine.compute(scratch, removed).delta, engine.compute(warm, removed).delta,
+                               rtol=1e-5, atol=1e-9)  # one optimum, reached from init or from theta*
 
 
 def test_minibatch_ground_truth_without_a_learning_rate_is_refused():

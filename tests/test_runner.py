@@ -73,7 +73,7 @@ def test_exact_on_iris_logreg_cases_carry_everything(tmp_path):
     assert sp.value >= 0.95 and sp.ci_low <= sp.value <= sp.ci_high
     assert sp.n_test == len(sp.per_test) == 10 and sp.noise_ceiling == 1.0
     assert sp.setting_version == IRIS.version and sp.spec_hash == IRIS.spec_hash
-    assert sp.wall_time_s >= 0 and sp.hyperparameters == {"damping": 0.0, "max_params": 12000}
+    assert sp.wall_time_s >= 0 and sp.hyperparameters == {"damping": 0.0, "max_params": 12000, "max_seconds": 120.0}
 
 
 def test_atomic_write_never_leaves_a_half_written_file(tmp_path):

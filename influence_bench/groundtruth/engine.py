@@ -6,8 +6,9 @@ The setting's ``GroundTruthSpec`` picks the recipe:
   point's weight is zero, and at most ``max_steps`` Newton-CG steps are taken;
 * ``warm`` + ``sgd`` / ``adam`` (minibatch, ``minibatch.py``): ``steps`` optimiser steps from theta*
   on the batches of the replicate's data-order seed;
-* ``scratch`` (minibatch-trained settings): the setting's whole training recipe again, from the same
-  initialisation, on the batches of the replicate's seed (replicate 0: the seed theta* was trained with).
+* ``scratch``: the setting's whole training recipe again, from the same initialisation: for a
+  minibatch recipe on the batches of the replicate's seed (replicate 0: the seed theta* was trained
+  with); for a full-batch recipe its deterministic L-BFGS + Newton fit, one model at a time.
 
 A control model trained the same way without removal is subtracted, so continued training (or the
 training noise of a replicate) is not mistaken for influence:
@@ -38,9 +39,12 @@ MINIBATCH_VERSION = "minibatch/1"  # part of the store key of minibatch recipes
 
 
 def stochastic(ctx: Context) -> bool:
-    """Does retraining depend on a seed (so replicates differ)?"""
+    """Does retraining depend on a seed (so replicates differ)? Warm minibatch retraining, and
+    scratch retraining of a minibatch-trained setting."""
     gt = ctx.setting.ground_truth
-    return gt.mode in ("warm", "scratch") and (gt.minibatch or gt.mode == "scratch")
+    if gt.mode == "warm":
+        return gt.minibatch
+    return gt.mode == "scratch" and ctx.setting.train.minibatch
 
 
 def n_replicates(ctx: Context) -> int:
@@ -58,10 +62,6 @@ def check_recipe(ctx: Context) -> None:
         pbrf.proximity(ctx)  # raises without a minimiser
         if gt.minibatch:
             raise ValueError(f"{where}: the PBRF is solved by Newton-CG; retrain={gt.retrain!r} does not apply")
-    if gt.mode == "scratch" and not s.train.minibatch:
-        raise ValueError(f"{where}: scratch retraining repeats the setting's minibatch training recipe, but it "
-                         f"trains with {s.train.optimizer!r} (full batch, run to its optimum, where scratch and "
-                         "warm retraining reach the same point on a convex model): use mode 'warm'")
     if gt.mode == "warm" and gt.minibatch and (gt.lr <= 0 or gt.batch_size < 1 or gt.steps < 1):
         raise ValueError(f"{where}: minibatch retraining ({gt.retrain!r}) needs lr > 0, batch_size >= 1 and "
                          f"steps >= 1 in its GroundTruthSpec; got lr={gt.lr}, batch_size={gt.batch_size}, "
@@ -153,7 +153,7 @@ def retrain(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool =
     def run(s: int, stop: int) -> NewtonResult:
         rem = removed[s:stop]
         w = removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device)
-        if stochastic(ctx):
+        if stochastic(ctx) or gt.mode == "scratch":  # no Newton preconditioner downdate to build
             return retrain_weights(ctx, w, gt.max_steps, batched=batched, replicate=replicate)
         return retrain_weights(ctx, w, gt.max_steps, removal_downdate(ctx, rem) if batched else None,
                                batched=batched)
@@ -176,6 +176,8 @@ def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdat
         from . import pbrf
 
         return pbrf.retrain_weights(ctx, weights)
+    if gt.mode == "scratch" and not ctx.setting.train.minibatch:
+        return _scratch_full_batch(ctx, weights)
     if stochastic(ctx):
         recipe, theta0, seed = minibatch_recipe(ctx)
         what = f"ground truth of {ctx.setting.id!r} ({gt.mode}, {gt.retrain if gt.mode == 'warm' else ctx.setting.train.optimizer})"
@@ -196,6 +198,18 @@ def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdat
         kw["downdate"] = downdate
     return run(ctx.fm, ctx.theta, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, preconditioner(ctx),
                max_steps, gt.grad_tol, **kw)
+
+
+def _scratch_full_batch(ctx: Context, weights: torch.Tensor) -> NewtonResult:
+    """Scratch retraining of a full-batch (L-BFGS + Newton) setting: the setting's own fit from its
+    initialisation on each row's weighted objective, one model at a time (``torch.optim.LBFGS``
+    cannot be vmapped). Deterministic: the control row reproduces theta*."""
+    out = [training.fit(ctx.fm, initial_theta(ctx), ctx.data, ctx.setting, weights=w) for w in weights]
+    dev, dt = ctx.theta.device, ctx.theta.dtype
+    gn = torch.tensor([g for _, g, _ in out], dtype=dt, device=dev)
+    return NewtonResult(torch.stack([t for t, _, _ in out]), gn,
+                        torch.tensor([k for _, _, k in out], dtype=torch.long, device=dev),
+                        gn < ctx.setting.train.grad_tol)
 
 
 def _cat(parts: list[NewtonResult]) -> NewtonResult:
