@@ -99,5 +99,4 @@ def format_bench(r: GroundTruthBench) -> str:
         f"  speedup            {r.speedup:9.1f} x",
         f"  large matmul       {r.matmul_gflops:9.2f} GFLOP/s on this device (same run)",
         f"  agreement          max |diff| {r.max_abs_diff:.2e} (max |delta| {r.max_abs_delta:.2e})",
-        f"  engine default     {r.engine_choice} (minibatch.prefer_sequential)",
-    ])
+    ] + ([f"  engine default     {r.engine_choice} (minibatch.prefer_sequential)"] if r.vmap_s is not None else []))

@@ -228,7 +228,7 @@ def fit(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: Setting,
     for scratch retraining.
     """
     spec = setting.train
-    with _reproducible_threads(spec.weight_decay == 0 or spec.minibatch):
+    with reproducible_threads(spec.weight_decay == 0 or spec.minibatch):
         if spec.minibatch:
             if weights is not None:
                 raise ValueError("minibatch fits take their weights through minibatch.train")
@@ -263,7 +263,7 @@ def _fit_minibatch(fm: FlatModel, theta0: torch.Tensor, data: Dataset, setting: 
 
 
 @contextlib.contextmanager
-def _reproducible_threads(pin: bool):
+def reproducible_threads(pin: bool):
     """Fits whose end point depends on rounding run on one thread. Without weight decay a net has
     no minimiser: L-BFGS runs its whole budget along a flat valley. Minibatch SGD is chaotic over
     its thousand steps. In both, rounding differences (the order of a multi-threaded reduction)

@@ -182,12 +182,15 @@ def retrain_weights(ctx: Context, weights: torch.Tensor, max_steps: int, downdat
         recipe, theta0, seed = minibatch_recipe(ctx)
         what = f"ground truth of {ctx.setting.id!r} ({gt.mode}, {gt.retrain if gt.mode == 'warm' else ctx.setting.train.optimizer})"
         args = (ctx.fm, theta0, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, recipe, seed + replicate)
-        if batched == "vmap":  # forced (the benchmark times it where the engine would not choose it)
-            theta = minibatch.train_batched(*args)
-        elif batched:
-            theta = minibatch.train(*args, what=what)
-        else:
-            theta = minibatch.train_sequential(*args)
+        # one thread on CPU, as for theta*: hundreds of SGD steps amplify the rounding of a
+        # multi-threaded reduction (measured: 1e-2 of max |delta| between 1 and 2 threads on the CNNs)
+        with training.reproducible_threads(ctx.device.type == "cpu"):
+            if batched == "vmap":  # forced (the benchmark times it where the engine would not choose it)
+                theta = minibatch.train_batched(*args)
+            elif batched:
+                theta = minibatch.train(*args, what=what)
+            else:
+                theta = minibatch.train_sequential(*args)
         B = weights.shape[0]
         return NewtonResult(theta, torch.full((B,), float("nan"), dtype=theta.dtype, device=theta.device),
                             torch.full((B,), recipe.steps, dtype=torch.long, device=theta.device),
