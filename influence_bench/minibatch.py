@@ -154,8 +154,9 @@ class NotBatchable(RuntimeError):
 
 def train(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
           weight_decay: float, recipe: Recipe, seed: int, what: str = "model") -> torch.Tensor:
-    """``train_batched``, or ``train_sequential`` with a warning saying why when the model cannot be
-    vmapped (the results are the same recipe; only slower)."""
+    """``train_batched``; ``train_sequential`` where one model at a time is faster
+    (``prefer_sequential``: convolutions on CPU), or, with a warning saying why, where the model
+    cannot be vmapped (BatchNorm in training mode). Every path runs the same recipe."""
     if prefer_sequential(fm, theta0.device):
         return train_sequential(fm, theta0, weights, x, y, weight_decay, recipe, seed)
     if not _batchable(fm):

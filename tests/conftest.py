@@ -8,9 +8,16 @@ import pytest
 def _isolated_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("INFLUENCE_BENCH_CACHE", str(tmp_path_factory.mktemp("ib-cache")))
-    mp.setenv("INFLUENCE_BENCH_SHIPPED_GT", "")  # no shipped ground truth unless a test asks for it
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_shipped_ground_truth(monkeypatch):
+    """No shipped ground truth unless a test asks for it. Per test, not per session: a session-wide
+    setting would outlive tests/ and switch the shipped layer off for suites/ run in the same session
+    (README's test command), which would then retrain everything the checkout ships."""
+    monkeypatch.setenv("INFLUENCE_BENCH_SHIPPED_GT", "")
 
 
 @pytest.fixture
