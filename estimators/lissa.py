@@ -107,8 +107,11 @@ class LiSSA(Estimator):
         full = self.batch_size is None or self.batch_size >= n
         repeats = 1 if full else self.repeats
         frac = 1.0 if full else self.batch_size / n  # a batch HVP costs about this share of a full one
-        ctx.check_hvp_budget(self.depth * repeats * frac, self.name, self.max_seconds,
-                             f"{self.depth} recursion steps x {repeats} repeats on batches of {self.batch_size or n}")
+        # scale="auto" probes lambda_max and usually runs 2-3 scales before one settles: count 3
+        runs = 3 if self.scale == "auto" else 1
+        ctx.check_hvp_budget(self.depth * repeats * frac * runs, self.name, self.max_seconds,
+                             f"{runs} x {self.depth} recursion steps x {repeats} repeats on batches of "
+                             f"{self.batch_size or n}")
         d = self.diagnostics
         d["curvature"] = self.curvature
         d["full_batch"] = full
