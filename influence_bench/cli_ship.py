@@ -51,15 +51,32 @@ def _settings(args) -> list:
 
 
 def _ship(args) -> int:
-    from .cli_groundtruth import Progress
-    from .context import get_context
-    from .data import DataUnavailable
-    from .groundtruth import GroundTruthStore, engine, shipped, store_key
+    """Runs with the shipped layer pointed at the folder shipped to or checked, so every context is
+    built from the theta* shipped there (or trained, when none is shipped yet)."""
+    import os
+
     from .paths import repo_root, shipped_gt_dir
 
     out = Path(args.out) if args.out else shipped_gt_dir()
     if out is None:
         out = (repo_root() or Path.cwd()) / "results" / "ground-truth"
+    before = os.environ.get("INFLUENCE_BENCH_SHIPPED_GT")
+    os.environ["INFLUENCE_BENCH_SHIPPED_GT"] = str(out)
+    try:
+        return _ship_to(args, out)
+    finally:
+        if before is None:
+            os.environ.pop("INFLUENCE_BENCH_SHIPPED_GT", None)
+        else:
+            os.environ["INFLUENCE_BENCH_SHIPPED_GT"] = before
+
+
+def _ship_to(args, out: Path) -> int:
+    from .cli_groundtruth import Progress
+    from .context import get_context
+    from .data import DataUnavailable
+    from .groundtruth import GroundTruthStore, engine, shipped, store_key
+
     cache = GroundTruthStore(args.root, shipped=None) if args.root else GroundTruthStore(shipped=None)
     if out.resolve() == cache.root.resolve():
         raise ValueError(f"the shipped root {out} cannot be the cache root (compaction would remove its shards)")
@@ -76,7 +93,7 @@ def _ship(args) -> int:
             failed = failed or args.check
             continue
         if args.check:
-            ok, lines = shipped.check(ctx, out, args.sample, args.tol)
+            ok, lines = shipped.check(ctx, out, args.sample, args.tol, compare_training=args.train)
             print("\n".join(lines))
             failed = failed or not ok
             continue
@@ -91,7 +108,8 @@ def _ship(args) -> int:
             print(f"{setting.id}: removed stale key folder {p}")
         ceiling = f", noise ceiling {entries.noise_ceiling:.3f} over {reps} replicates" if reps > 1 else ""
         print(f"{setting.id}: shipped {len(entries.ids)} removals x {len(entries.cols)} test columns{ceiling}, "
-              f"{path.stat().st_size} bytes: {path}")
+              f"{path.stat().st_size} bytes: {path}; theta* ({ctx.theta_source}, sha256 {ctx.theta_sha256[:16]}) "
+              f"beside it")
     return 1 if failed else 0
 
 
@@ -104,8 +122,14 @@ def add_parser(gsub, common) -> None:
     s.add_argument("--out", default=None,
                    help="shipped root (default: $INFLUENCE_BENCH_SHIPPED_GT or the checkout's results/ground-truth)")
     s.add_argument("--chunk", type=int, default=32, help="models per chunk")
-    s.add_argument("--check", action="store_true", help="verify what is shipped and recompute --sample entries")
+    s.add_argument("--check", action="store_true",
+                   help="verify what is shipped (theta* and ground truth) and recompute --sample entries from the "
+                        "shipped theta*")
     s.add_argument("--sample", type=int, default=3, metavar="K")
     s.add_argument("--tol", type=float, default=None,
-                   help="max deviation relative to max |delta| (default 1e-6; 1e-2 for stochastic minibatch recipes)")
+                   help="max deviation relative to max |delta| (default 1e-6; for stochastic minibatch recipes "
+                        "a quarter of the replicates' own disagreement on the sampled entries)")
+    s.add_argument("--train", action="store_true",
+                   help="with --check: also train theta* here and report how far it lies from the shipped one "
+                        "(parameter distance, test points chosen alike); informational, never fails")
     s.set_defaults(func=_ship)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import curvature, data as data_mod, training
+from . import curvature, data as data_mod, paths, training
 from .data import Dataset
+from .hashing import sha256_tensors
 from .models import FlatModel
 from .settings import Setting
 
@@ -27,6 +28,8 @@ class Context:
     test_idx: np.ndarray  # which test-set points are evaluated (rows of the influence matrix)
     device: torch.device
     train_grad_norm: float = float("nan")
+    train_steps: int = -1  # optimiser steps theta* took (-1: unknown)
+    theta_source: str = "trained"  # where theta* came from: "trained", "cache" or "shipped"
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- plain facts -----------------------------------------------------------------------
@@ -53,6 +56,17 @@ class Context:
     @property
     def n_params(self) -> int:
         return self.fm.n_params
+
+    @property
+    def theta_sha256(self) -> str:
+        """sha256 of theta* (dtype, shape, bytes): part of every ground-truth store key and of the
+        cached curvature record, so nothing computed from one theta* is served for another."""
+        return self._memo("theta-sha256", lambda: sha256_tensors(self.theta))
+
+    @property
+    def data_sha256(self) -> str:
+        """sha256 of the train and test arrays as the context holds them (``Dataset.fingerprint``)."""
+        return self._memo("data-sha256", self.data.fingerprint)
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -165,9 +179,16 @@ def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> n
     return np.array(chosen + sorted(int(i) for i in extra), dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=4)
 def get_context(setting: Setting, device: str = "cpu") -> Context:
-    """Load the setting's data, train (or load) theta*, choose test points. Cached per process."""
+    """Load the setting's data, train (or load) theta*, choose test points. Cached per process, per
+    cache folder and shipped root: a context built while the shipped layer was off (a unit test) holds
+    a theta* trained here, and is not what a later run with the shipped layer on should score."""
+    shipped = paths.shipped_gt_dir()
+    return _get_context(setting, device, str(paths.cache_dir()), None if shipped is None else str(shipped))
+
+
+@functools.lru_cache(maxsize=4)
+def _get_context(setting: Setting, device: str, cache: str, shipped: str | None) -> Context:
     return build_context(setting, data_mod.load(setting.data), device)
 
 
@@ -181,4 +202,5 @@ def build_context(setting: Setting, ds: Dataset, device: str = "cpu", use_cache:
     with torch.no_grad():
         test_losses = curvature.per_sample_loss(trained.fm, trained.theta, ds.x_test, ds.y_test)
     idx = select_test_points(test_losses, setting.test_points.n_random, setting.test_points.seed)
-    return Context(setting, ds, trained.fm, trained.theta, idx, dev, trained.grad_norm)
+    return Context(setting, ds, trained.fm, trained.theta, idx, dev, trained.grad_norm, trained.steps,
+                   trained.source)

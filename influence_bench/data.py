@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .hashing import sha256_tensors
 from .paths import data_dir
 from .settings import DataSpec
 
@@ -43,6 +44,10 @@ class Dataset:
 
         return Dataset(self.x_train.to(device, dtype), target(self.y_train),
                        self.x_test.to(device, dtype), target(self.y_test), self.n_classes, self.source)
+
+    def fingerprint(self) -> str:
+        """sha256 of the train and test arrays (dtype, shape and bytes, as held: after ``to``)."""
+        return sha256_tensors(self.x_train, self.y_train, self.x_test, self.y_test)
 
 
 def stratified_split(y: np.ndarray, n_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,12 +7,13 @@ A suite test asks for ``fidelity_case`` (one estimator on one setting) and ``inf
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from . import catalog
+from . import catalog, paths, shipped_models, tally
 from .data import DataUnavailable
 from .registry import REGISTRY
 from .results import new_run_path, write_run
@@ -61,6 +62,9 @@ class BenchSession:
         self.run_path: Path | None = None
         self.comparison = None
         self.gates, self.baseline = _gate_options(config)
+        self.work: Counter = Counter()  # what the fidelity cases trained and computed
+        self.session_start = tally.snapshot()
+        self.shipped_violations: list[str] = []
 
     @property
     def device(self) -> str:
@@ -69,13 +73,21 @@ class BenchSession:
     def check(self, fc: FidelityCase) -> None:
         from .runner import evaluate
 
+        before = tally.snapshot()
         try:
             cases = evaluate(fc.estimator, fc.setting, device=self.device)
         except DataUnavailable as exc:
             if self.config.getoption("--require-data"):
                 pytest.fail(f"{fc.id}: {exc}", pytrace=False)
             pytest.skip(f"{fc.id}: {exc}")
+        finally:
+            work = tally.since(before)
+            self.work.update(work)
         self.cases += cases
+        violation = shipped_violation(fc, work)
+        if violation:  # also fails the session: an xfail mark on the case must not hide it
+            self.shipped_violations.append(violation)
+            pytest.fail(violation, pytrace=False)
         status = cases[0].status
         if status == "skipped":
             pytest.skip(cases[0].message)
@@ -87,6 +99,35 @@ class BenchSession:
             pytest.fail("\n".join(failures + known), pytrace=False)
         if known:
             pytest.xfail("\n".join(known))
+
+
+def shipped_violation(fc: FidelityCase, work) -> str | None:
+    """A built-in estimator on a setting whose theta* and ground truth the checkout ships must train
+    and retrain nothing: if it did, the shipped files no longer match the code (or lack the
+    estimator's top-k removals), and every fresh machine pays for it. Returns the message, or None."""
+    from .cli_ship import builtin_estimators
+
+    root = paths.shipped_gt_dir()
+    model = shipped_models.path_for(fc.setting, root)
+    if model is None or not model.is_file() or fc.estimator not in builtin_estimators():
+        return None
+    trained = work.get((tally.TRAINED, fc.setting.id), 0)
+    computed = work.get((tally.COMPUTED, fc.setting.id), 0)
+    if not (trained or computed):
+        return None
+    return (f"{fc.id}: {fc.setting.id} ships theta* and ground truth in {root}, yet this case trained {trained} "
+            f"model(s) and computed {computed} ground-truth entries: the shipped files no longer match the code "
+            f"or lack {fc.estimator}'s top-k removals. Re-export with `influence-bench ground-truth ship "
+            f"{fc.setting.id}` and commit {root}.")
+
+
+def work_summary(fidelity, session) -> str:
+    """One line: what the fidelity cases trained and computed, and the whole session beside it."""
+    line = (f"influence-bench: fidelity cases trained {tally.total(fidelity, tally.TRAINED)} models and computed "
+            f"{tally.total(fidelity, tally.COMPUTED)} ground-truth entries")
+    return line + (f" (whole session, unit tests included: {tally.total(session, tally.TRAINED)} models trained, "
+                   f"{tally.total(session, tally.COMPUTED)} entries computed, "
+                   f"{tally.total(session, tally.VERIFIED)} recomputed to verify)")
 
 
 def _gate_options(config: pytest.Config):
@@ -165,6 +206,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     bench = session.config.stash.get(_KEY, None)
     if bench is None or not bench.cases:
         return
+    if bench.shipped_violations:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     config = session.config
     out = config.getoption("--results-dir")
     results_dir = Path(out) if out else Path(config.rootpath) / "results"
@@ -187,6 +230,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write_line(fidelity_table(bench.cases, verdicts))
     if bench.run_path is not None:
         terminalreporter.write_line(f"results written to {bench.run_path}")
+    terminalreporter.write_line(work_summary(bench.work, tally.since(bench.session_start)))
+    if bench.shipped_violations:
+        terminalreporter.section("influence-bench shipped settings retrained", red=True)
+        for v in bench.shipped_violations:
+            terminalreporter.write_line(v, red=True)
     if bench.comparison is not None:
         from .gates import format_comparison
 

@@ -7,11 +7,13 @@ Computed once per context and attached to each case as ``diagnostics["setting_in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from . import shipped_models
 from .context import Context
 from .groundtruth.engine import EXPLICIT_HESSIAN_MAX, preconditioner
 from .paths import write_json
@@ -96,12 +98,23 @@ def _lanczos(apply, ctx: Context, v0: np.ndarray, k: int, out: dict, which: str 
     return np.sort(np.asarray(vals, dtype=np.float64)).tolist()
 
 
+def info_cache_path(ctx: Context) -> Path:
+    """The cached record of ``ctx``: beside the trained model, keyed by theta*'s sha256 (the record
+    describes one theta*; another one, e.g. trained on another machine, gets its own)."""
+    path = model_cache_path(ctx.setting)
+    return path.with_name(f"{path.stem}-theta{ctx.theta_sha256[:16]}.info.json")
+
+
 def setting_info(ctx: Context, use_cache: bool = True) -> dict:
     """JSON-ready facts about ``ctx``'s setting (memoised on the context, and on disk beside the
-    trained model, since they depend on theta* only)."""
-    path = model_cache_path(ctx.setting).with_suffix(".info.json")
+    trained model keyed by theta*; the record shipped beside a shipped theta* is read first)."""
+    path = info_cache_path(ctx)
 
     def make():
+        if use_cache:
+            shipped = shipped_models.load_info(ctx.setting, ctx.theta_sha256)
+            if shipped is not None:
+                return shipped
         if use_cache and path.is_file():
             try:
                 return json.loads(path.read_text())

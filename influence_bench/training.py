@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from . import curvature, minibatch
+from . import curvature, minibatch, shipped_models, tally
 from .data import Dataset
 from .init_weights import init_weights_sha256, load_init_weights, tagged_cache_path
 from .models import FlatModel, build_model
@@ -159,7 +160,8 @@ class Trained:
     theta: torch.Tensor  # theta*, detached
     grad_norm: float
     steps: int
-    from_cache: bool
+    from_cache: bool  # loaded, not trained (from the cache or the shipped layer)
+    source: str = "trained"  # "trained", "cache" or "shipped" (``shipped_models.py``)
 
 
 def model_cache_path(setting: Setting) -> Path:
@@ -312,6 +314,10 @@ def train(setting: Setting, data: Dataset, device: str = "cpu", use_cache: bool 
     """theta* for ``setting``: loaded from the cache if present, else trained and stored."""
     dtype = DTYPES[setting.train.dtype]
     fm = FlatModel(initial_module(setting, data, dtype, device))
+    if use_cache:  # the shipped theta* first: the shipped ground truth was computed from it
+        got = _load_shipped(setting, data, fm, device, dtype)
+        if got is not None:
+            return got
     path = model_cache_path(setting)
     if use_cache and path.is_file():
         got = _load(path, fm, device, dtype)
@@ -324,6 +330,7 @@ def train(setting: Setting, data: Dataset, device: str = "cpu", use_cache: bool 
             if got is not None:
                 return got
         rec = TrajectoryRecorder()
+        tally.add(tally.TRAINED, setting.id)
         theta, gnorm, steps = fit(fm, fm.flat().to(device), data, setting, rec)
         ckpt = _finish(rec, fm, data, setting, theta)
         if use_cache:
@@ -342,7 +349,31 @@ def _load(path: Path, fm: FlatModel, device, dtype) -> Trained | None:
         return None  # unreadable cache entry: retrain and overwrite
     if theta.numel() != fm.n_params or not torch.isfinite(theta).all():
         return None
-    return Trained(fm, theta, float(meta["grad_norm"]), int(meta["steps"]), from_cache=True)
+    return Trained(fm, theta, float(meta["grad_norm"]), int(meta["steps"]), from_cache=True, source="cache")
+
+
+def _load_shipped(setting: Setting, data: Dataset, fm: FlatModel, device, dtype) -> Trained | None:
+    got = shipped_models.load(setting, data.fingerprint())
+    if got is None:
+        return None
+    z, meta = got
+    theta = torch.as_tensor(z["theta"])
+    if theta.numel() != fm.n_params or theta.dtype != dtype or not torch.isfinite(theta).all():
+        warnings.warn(f"shipped model of {setting.id!r} holds {theta.numel()} {theta.dtype} parameters, the model "
+                      f"has {fm.n_params} {dtype}; training theta* here instead", shipped_models.ShippedModelWarning,
+                      stacklevel=3)
+        return None
+    return Trained(fm, theta.to(device), float(meta["grad_norm"]), int(meta["steps"]), from_cache=True,
+                   source="shipped")
+
+
+def export_model(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Tensor, grad_norm: float,
+                 steps: int, root: Path) -> Path:
+    """Write theta* and its checkpoints into the shipped root (``shipped_models.write``)."""
+    ckpt = checkpoints(setting, data, fm, theta)
+    meta = {"grad_norm": float(grad_norm), "steps": int(steps), "checkpoints": _ckpt_meta(ckpt),
+            "data_sha256": data.fingerprint(), "data_source": data.source, "dtype": setting.train.dtype}
+    return shipped_models.write(setting, root, {"theta": theta.detach().cpu().numpy(), **ckpt.to_arrays()}, meta)
 
 
 def _finish(rec: TrajectoryRecorder, fm: FlatModel, data: Dataset, setting: Setting,
@@ -373,6 +404,11 @@ def checkpoints(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Ten
 
     def same_model(z: dict) -> bool:  # the entry is this theta* (not, e.g., one trained on other data)
         return "theta" in z and np.array_equal(z["theta"], theta_np)
+
+    if use_cache:
+        got = shipped_models.load(setting, data.fingerprint())
+        if got is not None and "ckpt_theta" in got[0] and same_model(got[0]):
+            return Checkpoints.from_arrays(got[0], device, dtype)
 
     if use_cache and path.is_file():
         try:

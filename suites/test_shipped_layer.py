@@ -26,3 +26,30 @@ def test_suites_read_the_checkouts_shipped_ground_truth(monkeypatch):
     monkeypatch.setattr(engine, "compute", no_retraining)
     ctx = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
     assert build(ctx, "loo", fixed_removals(ctx), store, cols=ctx.test_idx).delta.shape == (120, ctx.n_test)
+
+
+@pytest.mark.parametrize("setting", catalog.select(tier="smoke"), ids=lambda s: s.id)
+def test_smoke_setting_trains_and_retrains_nothing(setting, request):
+    """Every smoke setting ships theta* beside its ground truth: on a fresh machine with an empty
+    cache it is scored against exactly the model its ground truth was computed from, and its
+    loo-fixed ground truth (every replicate) is served without retraining. (The fidelity cases
+    fail, too, when a built-in estimator's top-k removals are not shipped.)"""
+    from influence_bench import shipped_models, tally
+    from influence_bench.data import DataUnavailable
+
+    if SHIPPED_ENV_AT_START is not None:
+        pytest.skip(f"$INFLUENCE_BENCH_SHIPPED_GT={SHIPPED_ENV_AT_START!r} set by the user")
+    root = paths.shipped_gt_dir()
+    fix = f"ship it: influence-bench ground-truth ship {setting.id} (then commit {root})"
+    assert shipped_models.path_for(setting, root).is_file(), f"{setting.id}: no theta* shipped; {fix}"
+    before = tally.snapshot()
+    try:
+        ctx = get_context(setting)
+    except DataUnavailable as exc:
+        if request.config.getoption("--require-data"):
+            pytest.fail(f"{setting.id}: {exc}", pytrace=False)
+        pytest.skip(f"{setting.id}: {exc}")
+    assert ctx.theta_source == "shipped", f"{setting.id}: theta* was {ctx.theta_source}, not shipped; {fix}"
+    gt = build(ctx, "loo", fixed_removals(ctx), GroundTruthStore(), cols=ctx.test_idx)
+    assert gt.delta.shape == (len(fixed_removals(ctx)), ctx.n_test)
+    assert not tally.since(before), f"{setting.id}: {dict(tally.since(before))}; {fix}"

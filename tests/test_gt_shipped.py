@@ -163,16 +163,21 @@ CHECKOUT_SHIPPED = paths.repo_root() / "results" / "ground-truth"
 
 @pytest.mark.parametrize("sid", sorted(p.name for p in CHECKOUT_SHIPPED.iterdir() if p.is_dir())
                          if CHECKOUT_SHIPPED.is_dir() else [])
-def test_checkout_shipped_ground_truth_still_matches_the_code(sid):
-    """Committed ground truth cannot silently drift: it lies under the current key, holds the
-    evaluated test points, verifies, and a recomputed sample matches."""
+def test_checkout_shipped_ground_truth_still_matches_the_code(sid, monkeypatch):
+    """Committed ground truth cannot silently drift, on any machine: theta* is shipped and verifies,
+    the ground truth lies under the current key (which hashes theta*), holds the evaluated test
+    points, verifies, and a sample recomputed from the shipped theta* matches (deterministic
+    recipes to 1e-6, stochastic ones to a quarter of their replicates' disagreement)."""
     from influence_bench.data import DataUnavailable
 
+    monkeypatch.setenv("INFLUENCE_BENCH_SHIPPED_GT", str(CHECKOUT_SHIPPED))
     try:
         c = get_context(catalog.get_setting(sid))
     except DataUnavailable as exc:
         pytest.skip(f"{sid}: {exc}")
+    assert c.theta_source == "shipped"
     ok, lines = shipped.check(c, CHECKOUT_SHIPPED, sample=2)
+    print("\n".join(lines))
     assert ok, "\n".join(lines) + f"\nre-export: influence-bench ground-truth ship {sid}"
 
 

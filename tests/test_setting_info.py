@@ -10,6 +10,7 @@ from influence_bench import catalog, setting_info as si
 from influence_bench.context import get_context
 from influence_bench.groundtruth import GroundTruthStore
 from influence_bench.runner import evaluate
+from influence_bench.setting_info import info_cache_path
 from influence_bench.training import model_cache_path
 
 
@@ -42,5 +43,8 @@ def test_cases_carry_setting_info(tmp_path):
     assert info["n_params"] == 15 and info["train_grad_norm"] < 1e-9
     assert cases[0].diagnostics["solver"] == "cholesky"  # the estimator's own diagnostics stay
     json.dumps(cases[0].to_json(), allow_nan=False)
-    stored = json.loads(model_cache_path(setting).with_suffix(".info.json").read_text())
+    ctx = get_context(setting)
+    stored = json.loads(info_cache_path(ctx).read_text())
     assert stored == info  # kept beside theta*: a later run with shipped ground truth reads it
+    assert ctx.theta_sha256[:16] in info_cache_path(ctx).name and \
+        info_cache_path(ctx).parent == model_cache_path(setting).parent  # keyed by theta*

@@ -8,12 +8,11 @@ the chunks to Ray tasks (``ray_executor``) that write their own shards.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import numpy as np
 
-from .. import metrics
+from .. import metrics, tally
 from ..context import Context
 from ..init_weights import init_weights_sha256
 from ..settings import part_dict
@@ -26,15 +25,7 @@ ChunkHook = Callable[[np.ndarray], None]  # called with the ids of every chunk o
 
 def data_fingerprint(ctx: Context) -> str:
     """sha256 of the train and test arrays (dtype, shape and bytes)."""
-    def make() -> str:
-        h = hashlib.sha256()
-        for t in (ctx.data.x_train, ctx.data.y_train, ctx.data.x_test, ctx.data.y_test):
-            a = np.ascontiguousarray(t.detach().cpu().numpy())
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
-
-    return ctx._memo("gt-data-fingerprint", make)
+    return ctx.data_sha256
 
 
 def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT, replicate: int = 0) -> StoreKey:
@@ -47,7 +38,7 @@ def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAU
     if kind == "lds":
         config["lds"] = lds_spec.config()
     payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
-               "data": data_fingerprint(ctx), "engine": engine.ENGINE_VERSION}
+               "data": data_fingerprint(ctx), "theta": ctx.theta_sha256, "engine": engine.ENGINE_VERSION}
     init = init_weights_sha256(s)
     if init is not None:  # theta* started from the user's weights
         payload["init_weights"] = init
@@ -151,9 +142,11 @@ def _build_replicate(ctx: Context, kind: str, ids: np.ndarray, store: GroundTrut
 
                 ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, key.digest, workers, ray_address,
                                  ctx.device.type, on_chunk, replicate)
+                tally.add(tally.COMPUTED, ctx.setting.id, len(missing))
             elif chunks:
                 for part in chunks:
                     store.save_chunk(key, compute(ctx, kind, part, lds_spec, replicate), ceiling_method(ctx))
+                    tally.add(tally.COMPUTED, ctx.setting.id, len(part))
                     if on_chunk is not None:
                         on_chunk(part)
             if chunks:

@@ -20,7 +20,6 @@ renamed. Shipped shards hold only the evaluated test columns (a ``cols`` array),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -33,6 +32,7 @@ import numpy as np
 from filelock import FileLock
 
 from .entries import ARRAYS, Entries, MissingColumns
+from ..hashing import hash_json, sha256_array  # noqa: F401  (re-exported)
 from ..paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
 
@@ -43,17 +43,6 @@ class CorruptGroundTruth(RuntimeError):
 
 class CorruptGroundTruthWarning(UserWarning):
     """A stored shard failed verification; it was moved aside and its rows will be recomputed."""
-
-
-def sha256_array(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 _LOCKS: dict[str, FileLock] = {}
