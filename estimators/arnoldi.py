@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
-from influence_bench.curvature import arnoldi
+from influence_bench.curvature.products import arnoldi
 
 CURVATURES = ("hessian", "ggn")
 

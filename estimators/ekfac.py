@@ -16,7 +16,7 @@ Hyperparameters:
 from dataclasses import dataclass
 
 from influence_bench import Estimator, register
-from influence_bench.kfac import kfac_influence
+from influence_bench.curvature.kfac import kfac_influence
 
 
 @register

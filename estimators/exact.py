@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
-from influence_bench.curvature import solve_rows
+from influence_bench.curvature.products import solve_rows
 
 
 @register
@@ -31,7 +31,7 @@ class Exact(Estimator):
                 f"{ctx.n_params} parameters exceed max_params={self.max_params}: the explicit Hessian "
                 f"would hold {ctx.n_params ** 2 * 8 / 2**30:.1f} GiB. Use `cg` or `lissa` (implicit "
                 "Hessian-vector products) instead, or raise max_params.")
-        if "hessian" not in ctx._cache:
+        if not ctx.is_cached("hessian"):
             ctx.check_hvp_budget(ctx.n_params, self.name, self.max_seconds, "the explicit Hessian")
         H = ctx.hessian()
         if self.damping:

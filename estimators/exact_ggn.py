@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
-from influence_bench.curvature import solve_rows
+from influence_bench.curvature.products import solve_rows
 
 
 @register

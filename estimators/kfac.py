@@ -19,7 +19,7 @@ parameterised layer raises ``EstimatorUnsupported`` naming it.
 from dataclasses import dataclass
 
 from influence_bench import Estimator, register
-from influence_bench.kfac import kfac_influence
+from influence_bench.curvature.kfac import kfac_influence
 
 
 @register

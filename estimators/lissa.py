@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorError, register
-from influence_bench import curvature as C
+from influence_bench.curvature import products as C
 
 CURVATURES = ("hessian", "ggn")
 

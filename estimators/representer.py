@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
-from influence_bench.kfac import final_features, output_loss_grad
+from influence_bench.curvature.kfac import final_features, output_loss_grad
 
 
 @register

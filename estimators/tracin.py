@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, register
-from influence_bench.curvature import per_sample_grads
+from influence_bench.curvature.products import per_sample_grads
 
 
 @register

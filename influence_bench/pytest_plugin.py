@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from . import catalog, paths, shipped_models, tally
-from .data import DataUnavailable
-from .registry import REGISTRY
-from .results import new_run_path, write_run
-from .settings import TIERS, Setting
-from .table import fidelity_table
-from .thresholds import Thresholds, judge
+from influence_bench.spec import catalog
+from influence_bench import paths
+from influence_bench.training import shipped as shipped_models
+from influence_bench import tally
+from influence_bench.data.datasets import DataUnavailable
+from influence_bench.api.registry import REGISTRY
+from influence_bench.reporting.runfiles import new_run_path, write_run
+from influence_bench.spec.settings import TIERS, Setting
+from influence_bench.reporting.table import fidelity_table
+from influence_bench.spec.thresholds import Thresholds, judge
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class BenchSession:
         return self.config.getoption("--device")
 
     def check(self, fc: FidelityCase) -> None:
-        from .runner import evaluate
+        from influence_bench.scoring.runner import evaluate
 
         before = tally.snapshot()
         try:
@@ -105,7 +108,7 @@ def shipped_violation(fc: FidelityCase, work) -> str | None:
     """A built-in estimator on a setting whose theta* and ground truth the checkout ships must train
     and retrain nothing: if it did, the shipped files no longer match the code (or lack the
     estimator's top-k removals), and every fresh machine pays for it. Returns the message, or None."""
-    from .cli_ship import builtin_estimators
+    from influence_bench.api.registry import builtin_estimators
 
     root = paths.shipped_gt_dir()
     model = shipped_models.path_for(fc.setting, root)
@@ -132,8 +135,8 @@ def work_summary(fidelity, session) -> str:
 
 def _gate_options(config: pytest.Config):
     """Parse --gate / load --baseline at configure time, so a typo fails before anything runs."""
-    from .gates import GateSpecError, parse_gate
-    from .schema import RunFileError, load_run
+    from influence_bench.reporting.gates import GateSpecError, parse_gate
+    from influence_bench.reporting.schema import RunFileError, load_run
 
     try:
         gates = [parse_gate(g) for g in config.getoption("--gate")]
@@ -196,7 +199,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info) -> None:
     """pytest-benchmark JSON: torch/CUDA versions and device names beside its CPU info."""
-    from .benchmarking import update_machine_info
+    from influence_bench.scoring.benchmarking import update_machine_info
 
     update_machine_info(machine_info)
 
@@ -213,8 +216,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     results_dir = Path(out) if out else Path(config.rootpath) / "results"
     bench.run_path = write_run(new_run_path(results_dir), bench.cases, extra={"tier": config.getoption("--tier")})
     if bench.baseline is not None:
-        from .gates import compare_runs
-        from .schema import load_run
+        from influence_bench.reporting.gates import compare_runs
+        from influence_bench.reporting.schema import load_run
 
         bench.comparison = compare_runs(load_run(bench.run_path), bench.baseline, bench.gates)
         if bench.comparison.failed:
@@ -236,7 +239,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         for v in bench.shipped_violations:
             terminalreporter.write_line(v, red=True)
     if bench.comparison is not None:
-        from .gates import format_comparison
+        from influence_bench.reporting.gates import format_comparison
 
         failed = bench.comparison.failed
         terminalreporter.section("influence-bench regression gate", red=failed, green=not failed)

@@ -2,7 +2,7 @@
 
 import json
 
-from influence_bench.cli import main
+from influence_bench.cli.main import main
 
 
 def test_bench_ground_truth_agrees_and_reports_ratio_and_gflops(tmp_path, capsys):
@@ -24,8 +24,8 @@ def test_bench_unknown_setting_is_a_clear_error(capsys):
 def test_bench_minibatch_recipe_times_vmap_against_torch_optim():
     import numpy as np
 
-    from influence_bench.bench_gt import bench_ground_truth, format_bench
-    from influence_bench.context import build_context
+    from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
+    from influence_bench.api.loading import build_context
     from helpers import blobs, minibatch_setting
 
     ctx = build_context(minibatch_setting(), blobs(96, 24), use_cache=False)

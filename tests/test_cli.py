@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from influence_bench.cli import main
+from influence_bench.cli.main import main
 
 
 def test_list_estimators_and_settings(capsys):

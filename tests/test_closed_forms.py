@@ -2,13 +2,12 @@
 theta*, the influence function and leave-one-out retraining."""
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from influence_bench.groundtruth import engine
-from influence_bench.registry import REGISTRY
-from influence_bench.runner import run_estimator
+from influence_bench.api.registry import REGISTRY
+from influence_bench.scoring.runner import run_estimator
 
 from helpers import ridge_closed_form, ridge_context
 

@@ -4,9 +4,9 @@ equal to a plain autograd loop, BatchNorm models independent of the batch (froze
 import pytest
 import torch
 
-from influence_bench import curvature
-from influence_bench.models import FlatModel, build_model
-from influence_bench.settings import ModelSpec
+from influence_bench.curvature import products as curvature
+from influence_bench.models.flat import FlatModel, build_model
+from influence_bench.spec.settings import ModelSpec
 
 
 def _fm(family, shape, seed=0):

@@ -5,16 +5,16 @@ influence and the setting's curvature block."""
 import numpy as np
 import torch
 
-from influence_bench import curvature
-from influence_bench.catalog import MLP_GROUND_TRUTH
-from influence_bench.context import build_context
-from influence_bench.data import Dataset
+from influence_bench.curvature import products as curvature
+from influence_bench.spec.catalog import MLP_GROUND_TRUTH
+from influence_bench.api.loading import build_context
+from influence_bench.data.datasets import Dataset
 from influence_bench.groundtruth import engine
-from influence_bench.newton import weighted_grads
-from influence_bench.registry import REGISTRY
-from influence_bench.setting_info import setting_info
-from influence_bench.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
-from influence_bench.settings import TestPointSpec as PointsSpec
+from influence_bench.training.newton import weighted_grads
+from influence_bench.api.registry import REGISTRY
+from influence_bench.scoring.setting_info import setting_info
+from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
+from influence_bench.spec.settings import TestPointSpec as PointsSpec
 
 
 def _images(n, n_test, shape, seed=0):
@@ -58,7 +58,7 @@ def test_large_cnn_ground_truth_runs_without_explicit_hessian():
                  GroundTruthSpec(max_steps=3, damping=1e-2, cg_iters=5))
     ctx = build_context(s, _images(12, 6, (3, 32, 32)), use_cache=False)
     assert ctx.n_params == 61496 > engine.EXPLICIT_HESSIAN_MAX
-    assert engine.preconditioner(ctx).kind == "identity" and "hessian" not in ctx._cache
+    assert engine.preconditioner(ctx).kind == "identity" and not ctx.is_cached("hessian")
     res = engine.retrain(ctx, np.array([-1, 3]))
     start = weighted_grads(ctx.fm, ctx.theta[None].expand(2, -1),
                                          engine.removal_weights(12, np.array([-1, 3]), ctx.dtype, ctx.device),

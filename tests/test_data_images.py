@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench.cli import main
-from influence_bench.data import DataUnavailable, load_cifar10, load_mnist
-from influence_bench.dataprep import prepare
-from influence_bench.settings import DataSpec
+from influence_bench.cli.main import main
+from influence_bench.data.datasets import DataUnavailable, load_cifar10, load_mnist
+from influence_bench.data.prepare import prepare
+from influence_bench.spec.settings import DataSpec
 
 
 def fake_arrays(n_train, n_test, shape, seed=0):

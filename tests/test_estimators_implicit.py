@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from torch import nn
 
-from influence_bench import EstimatorError, EstimatorUnsupported, catalog, curvature
-from influence_bench.context import get_context
-from influence_bench.models import FlatModel, LogisticRegression, mlp
-from influence_bench.registry import REGISTRY
+from influence_bench import EstimatorError, EstimatorUnsupported
+from influence_bench.spec import catalog
+from influence_bench.curvature import products as curvature
+from influence_bench.api.loading import get_context
+from influence_bench.models.flat import FlatModel, LogisticRegression, mlp
+from influence_bench.api.registry import REGISTRY
 
 from helpers import ridge_closed_form, ridge_context
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from influence_bench.cli import main
+from influence_bench.cli.main import main
 
 ROOT = Path(__file__).parents[1]
 PLUGIN = '''

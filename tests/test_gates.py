@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from influence_bench.cli import main
-from influence_bench.gates import GateSpecError, compare_runs, format_comparison, parse_gate
-from influence_bench.schema import Case, Run, load_run
+from influence_bench.cli.main import main
+from influence_bench.reporting.gates import GateSpecError, compare_runs, format_comparison, parse_gate
+from influence_bench.reporting.schema import Case, Run, load_run
 
 V1 = Path(__file__).parent / "data" / "run-v1-iris-smoke.json"
 

@@ -2,8 +2,8 @@
 
 import dataclasses
 
-from influence_bench import catalog
-from influence_bench.settings import DataSpec, make_id, ModelSpec
+from influence_bench.spec import catalog
+from influence_bench.spec.settings import DataSpec, make_id, ModelSpec
 
 
 def test_iris_grid_is_complete_with_documented_tiers():
@@ -53,7 +53,7 @@ PAPER_IDS = {"mnist-cnn-wd1e-3", "mnist-cnn-wd0", "mnist-lenet5-wd1e-3", "mnist-
 
 
 def test_paper_tier_settings_ids_tiers_and_specs():
-    from influence_bench.catalog_paper import paper_settings
+    from influence_bench.spec.catalog_paper import paper_settings
 
     paper = {s.id: s for s in catalog.select(tier="paper")}
     assert set(paper) == PAPER_IDS
@@ -74,8 +74,8 @@ def test_paper_tier_settings_ids_tiers_and_specs():
 def test_paper_model_parameter_counts():
     import torch
 
-    from influence_bench.catalog_paper import PARAMS
-    from influence_bench.models import FlatModel, build_model
+    from influence_bench.spec.catalog_paper import PARAMS
+    from influence_bench.models.flat import FlatModel, build_model
 
     def n(family, shape, classes):
         return FlatModel(build_model(ModelSpec(family), 0, classes, 0, torch.float32, in_shape=shape)).n_params
@@ -91,7 +91,7 @@ def test_paper_model_parameter_counts():
 def test_full_dataset_settings_use_the_official_split(tmp_path):
     import numpy as np
 
-    from influence_bench.data import load_mnist
+    from influence_bench.data.datasets import load_mnist
 
     rng = np.random.default_rng(0)
     y_tr, y_te = np.arange(60) % 10, np.arange(20) % 10

@@ -4,9 +4,9 @@ import re
 
 import numpy as np
 
-from influence_bench import catalog
-from influence_bench.cli import main
-from influence_bench.context import get_context
+from influence_bench.spec import catalog
+from influence_bench.cli.main import main
+from influence_bench.api.loading import get_context
 from influence_bench.groundtruth import Entries, GroundTruthStore, store_key
 
 SID = "iris-logreg-wd1e-3"

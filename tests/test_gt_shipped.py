@@ -6,12 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from influence_bench import catalog, paths
-from influence_bench.cli import main
-from influence_bench.context import get_context
-from influence_bench.groundtruth import (CorruptGroundTruthWarning, Entries, GroundTruthStore, MissingColumns, build,
-                                         engine, ground_truth, shipped, store_key)
-from influence_bench.runner import compare, evaluate, fixed_removals
+from influence_bench.spec import catalog
+from influence_bench import paths
+from influence_bench.cli.main import main
+from influence_bench.api.loading import get_context
+from influence_bench.groundtruth import CorruptGroundTruthWarning, Entries, GroundTruthStore, MissingColumns, ground_truth, store_key
+from influence_bench.groundtruth import build
+from influence_bench.groundtruth import shipped
+from influence_bench.scoring.runner import compare, evaluate, fixed_removals
 
 SID = "iris-logreg-wd1e-3"
 
@@ -105,8 +107,8 @@ def test_column_subset_entries_never_serve_other_columns(ctx, out, tmp_path, cou
 
 
 def test_compare_on_shipped_ground_truth_is_finite_and_identical(ctx, out, tmp_path, counting):
-    from influence_bench.registry import REGISTRY
-    from influence_bench.runner import run_estimator
+    from influence_bench.api.registry import REGISTRY
+    from influence_bench.scoring.runner import run_estimator
 
     influence, _ = run_estimator(REGISTRY.create("exact"), ctx)
     counting.clear()
@@ -168,7 +170,7 @@ def test_checkout_shipped_ground_truth_still_matches_the_code(sid, monkeypatch):
     the ground truth lies under the current key (which hashes theta*), holds the evaluated test
     points, verifies, and a sample recomputed from the shipped theta* matches (deterministic
     recipes to 1e-6, stochastic ones to a quarter of their replicates' disagreement)."""
-    from influence_bench.data import DataUnavailable
+    from influence_bench.data.datasets import DataUnavailable
 
     monkeypatch.setenv("INFLUENCE_BENCH_SHIPPED_GT", str(CHECKOUT_SHIPPED))
     try:

@@ -1,5 +1,6 @@
 """The ground-truth store: content addressing, checksums, corruption, kill-and-resume, concurrency."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influence_bench import catalog
-from influence_bench.context import get_context
-from influence_bench.groundtruth import CorruptGroundTruthWarning, GroundTruthStore, build, engine, store_key
+from influence_bench.spec import catalog
+from influence_bench.api.loading import get_context
+from influence_bench.groundtruth import CorruptGroundTruthWarning, GroundTruthStore, store_key
+from influence_bench.groundtruth import build
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "gt_builder_script.py"
@@ -33,7 +35,10 @@ def test_key_covers_spec_config_data_and_engine_version(ctx, monkeypatch):
     k = store_key(ctx)
     assert set(k.payload) >= {"spec_hash", "ground_truth", "data", "engine"}
     assert store_key(ctx, "lds").digest != k.digest
-    monkeypatch.setattr(engine, "ENGINE_VERSION", "something-else")
+    from influence_bench.groundtruth import recipes
+
+    kind = ("warm", "newton-cg")  # a new version of the recipe this setting uses
+    monkeypatch.setitem(recipes.TABLE, kind, dataclasses.replace(recipes.TABLE[kind], version="something-else"))
     assert store_key(ctx).digest != k.digest
 
 

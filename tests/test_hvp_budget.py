@@ -4,10 +4,10 @@ top eigenvalues only."""
 
 import pytest
 
-from influence_bench import setting_info
-from influence_bench.context import build_context
-from influence_bench.estimator import EstimatorUnsupported
-from influence_bench.registry import REGISTRY
+from influence_bench.scoring import setting_info
+from influence_bench.api.loading import build_context
+from influence_bench.api.estimator import EstimatorUnsupported
+from influence_bench.api.registry import REGISTRY
 
 from helpers import blobs, minibatch_setting
 
@@ -25,7 +25,7 @@ def test_hvp_time_is_measured_once(ctx):
 
 @pytest.mark.parametrize("name", ["exact", "cg", "arnoldi", "lissa"])
 def test_hvp_estimators_refuse_beyond_their_budget_with_the_estimate(ctx, name):
-    ctx._cache["hvp_seconds"] = 10.0  # as if one product took 10 s (a CNN on CPU)
+    ctx = ctx.with_cached("hvp_seconds", 10.0)  # as if one product took 10 s (a CNN on CPU)
     with pytest.raises(EstimatorUnsupported, match=rf"{name} on 'test-minibatch-warm'.*Hessian-vector products.*"
                                                    r"max_seconds=120.*GPU"):
         REGISTRY.create(name).influence(ctx)
@@ -33,9 +33,9 @@ def test_hvp_estimators_refuse_beyond_their_budget_with_the_estimate(ctx, name):
 
 
 def test_curvature_record_falls_back_to_top_eigenvalues(ctx):
-    ctx._cache["hvp_seconds"] = 10.0
+    ctx = ctx.with_cached("hvp_seconds", 10.0)
     info = setting_info.hessian_extremes(ctx)
     assert info["bottom"] is None and "top only" in info["method"] and len(info["top"]) == 3
-    ctx._cache["hvp_seconds"] = 1e-4
+    ctx = ctx.with_cached("hvp_seconds", 1e-4)
     dense = setting_info.hessian_extremes(ctx)
     assert abs(dense["top"][0] - info["top"][0]) < 1e-6 * abs(dense["top"][0])  # 10 Lanczos steps suffice here

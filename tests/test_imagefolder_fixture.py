@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from influence_bench.curvature import objective
-from influence_bench.data import DataUnavailable, load_imagefolder
-from influence_bench.models import FlatModel, build_model
-from influence_bench.settings import DataSpec, ModelSpec, Setting, TrainSpec
-from influence_bench.training import fit
+from influence_bench.curvature.products import objective
+from influence_bench.data.datasets import DataUnavailable, load_imagefolder
+from influence_bench.models.flat import FlatModel, build_model
+from influence_bench.spec.settings import DataSpec, ModelSpec, Setting, TrainSpec
+from influence_bench.training.fit import fit
 
 
 @pytest.fixture

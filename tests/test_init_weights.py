@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench.init_weights import (InitWeightsError, env_var, find_init_weights, init_weights_sha256,
-                                          load_init_weights, sha256_file, tagged_cache_path)
-from influence_bench.models import FlatModel, build_model
-from influence_bench.settings import DataSpec, ModelSpec, Setting, TrainSpec
+from influence_bench.models.init_weights import InitWeightsError, env_var, find_init_weights, init_weights_sha256, load_init_weights, sha256_file, tagged_cache_path
+from influence_bench.models.flat import FlatModel, build_model
+from influence_bench.spec.settings import DataSpec, ModelSpec, Setting, TrainSpec
 
 SETTING = Setting(id="iris-mlp-d2-w8-wd1e-3", tier="smoke", data=DataSpec("iris", 120, 30),
                   model=ModelSpec("mlp", depth=2, width=8), train=TrainSpec(weight_decay=1e-3))

@@ -5,9 +5,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.func import grad, jvp
 
-from influence_bench import curvature, linear_fastpath
-from influence_bench.models import FlatModel, build_model
-from influence_bench.settings import ModelSpec
+from influence_bench.curvature import products as curvature
+from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.models.flat import FlatModel, build_model
+from influence_bench.spec.settings import ModelSpec
 
 
 @settings(max_examples=25, deadline=None)
@@ -31,8 +32,8 @@ def test_fastpath_equals_autograd(n, d, c, b, wd, seed):
 
 
 def test_ground_truth_batched_equals_sequential_on_logistic_regression():
-    from influence_bench import catalog
-    from influence_bench.context import get_context
+    from influence_bench.spec import catalog
+    from influence_bench.api.loading import get_context
     from influence_bench.groundtruth import engine
 
     ctx = get_context(catalog.get_setting("iris-logreg-wd1e-3"))

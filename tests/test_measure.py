@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from influence_bench.measure import measure
+from influence_bench.scoring.measure import measure
 
 
 def _touch(mb: int) -> float:

@@ -9,12 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
-from influence_bench import minibatch as mb
-from influence_bench.context import build_context
-from influence_bench.groundtruth import GroundTruthStore, build, engine
+from influence_bench.training import minibatch as mb
+from influence_bench.api.loading import build_context
+from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.groundtruth import build
+from influence_bench.groundtruth import engine
 from influence_bench.groundtruth.build import store_key
-from influence_bench.models import FlatModel, mlp
-from influence_bench.settings import GroundTruthSpec, Setting
+from influence_bench.models.flat import FlatModel, mlp
+from influence_bench.spec.settings import GroundTruthSpec, Setting
 
 from helpers import blobs as _blobs, minibatch_setting as _setting
 
@@ -81,7 +83,7 @@ def test_batchnorm_in_training_mode_falls_back_to_sequential_with_a_warning():
 
 
 def test_convolutions_give_the_same_models_batched_and_sequential():
-    from influence_bench.cnn import AllConvCNN
+    from influence_bench.models.cnn import AllConvCNN
 
     torch.manual_seed(0)
     fm = FlatModel(AllConvCNN(1, 3, width=2).double())
@@ -121,8 +123,8 @@ def test_scratch_control_of_replicate_zero_is_theta_star():
 
 
 def test_scratch_on_a_convex_full_batch_setting_is_the_leave_one_out_optimum():
-    from influence_bench import catalog
-    from influence_bench.context import get_context
+    from influence_bench.spec import catalog
+    from influence_bench.api.loading import get_context
 
     warm = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
     scratch = get_context(warm.setting.with_mode("scratch"))

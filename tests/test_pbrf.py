@@ -10,13 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ridge_closed_form, ridge_context
-from influence_bench import catalog, data as data_mod, metrics
-from influence_bench.context import Context, build_context
-from influence_bench.data import Dataset
-from influence_bench.groundtruth import engine, pbrf
-from influence_bench.registry import REGISTRY
-from influence_bench.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
-from influence_bench.settings import TestPointSpec as PointSpec
+from influence_bench.spec import catalog
+from influence_bench.data import datasets as data_mod
+from influence_bench import metrics
+from influence_bench.api.context import Context
+from influence_bench.api.loading import build_context
+from influence_bench.data.datasets import Dataset
+from influence_bench.groundtruth import engine
+from influence_bench.groundtruth import pbrf
+from influence_bench.api.registry import REGISTRY
+from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
+from influence_bench.spec.settings import TestPointSpec as PointSpec
 
 
 def with_gt(ctx: Context, **kw) -> Context:
@@ -74,7 +78,7 @@ def test_no_removal_is_theta_star_exactly(logreg_large_n, iris_mlp):
 
 def test_bregman_closed_form_is_the_definition():
     """The cancellation-free forms equal l(z) - l(z*) - dl/dz(z*)^T (z - z*) of ``loss_from_outputs``."""
-    from influence_bench.curvature import loss_from_outputs
+    from influence_bench.curvature.products import loss_from_outputs
 
     g = torch.Generator().manual_seed(0)
     zs = 3 * torch.randn(50, 4, generator=g, dtype=torch.float64)

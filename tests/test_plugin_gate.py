@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from influence_bench.results import write_run
-from influence_bench.schema import Case
+from influence_bench.reporting.runfiles import write_run
+from influence_bench.reporting.schema import Case
 
 SUITE = '''
 from influence_bench.schema import Case

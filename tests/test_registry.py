@@ -3,7 +3,7 @@ import textwrap
 import pytest
 
 from influence_bench import Estimator
-from influence_bench.registry import REGISTRY, Registry, RegistryError
+from influence_bench.api.registry import REGISTRY, Registry, RegistryError
 
 
 def _plugin(tmp_path, fname, name, body="return ctx.test_grads() @ ctx.train_grads().T"):

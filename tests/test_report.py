@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influence_bench.cli import main
-from influence_bench.report import shape_of, write_report
-from influence_bench.schema import Case, Run, load_run
+from influence_bench.cli.main import main
+from influence_bench.reporting.report import shape_of, write_report
+from influence_bench.reporting.schema import Case, Run, load_run
 
 V1 = Path(__file__).parent / "data" / "run-v1-iris-smoke.json"
 ALL = ["fidelity_vs_depth.png", "fidelity_vs_width.png", "weight_decay.png", "spread.png", "curvature.png",

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench import Estimator, EstimatorUnsupported, catalog
+from influence_bench import Estimator
+from influence_bench.spec import catalog
 from influence_bench.groundtruth import GroundTruthStore
 from influence_bench.paths import atomic_path, write_json
-from influence_bench.registry import REGISTRY
-from influence_bench.results import SCHEMA_VERSION, read_run, write_run
-from influence_bench.runner import evaluate
+from influence_bench.api.registry import REGISTRY
+from influence_bench.reporting.runfiles import SCHEMA_VERSION, read_run, write_run
+from influence_bench.scoring.runner import evaluate
 
 IRIS = catalog.get_setting("iris-logreg-wd1e-3")
 
@@ -104,7 +105,7 @@ def test_run_file_round_trip_and_refusals(tmp_path):
 
 
 def test_known_failure_floor_is_xfail_and_other_floors_still_gate(tmp_path):
-    from influence_bench.thresholds import Thresholds, judge
+    from influence_bench.spec.thresholds import Thresholds, judge
 
     (tmp_path / "t.toml").write_text(
         '[[floor]]\nestimator = "exact"\nmetric = "pearson"\nmin = 0.999\nknown_failure = "documented"\n'

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from influence_bench.results import write_run
-from influence_bench.schema import SCHEMA_VERSION, Case, RunFileError, load_run
+from influence_bench.reporting.runfiles import write_run
+from influence_bench.reporting.schema import SCHEMA_VERSION, Case, RunFileError, load_run
 
 V1 = Path(__file__).parent / "data" / "run-v1-iris-smoke.json"
 

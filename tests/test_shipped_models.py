@@ -15,13 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench import catalog, paths, shipped_models, tally, training
-from influence_bench.context import get_context
-from influence_bench.groundtruth import GroundTruthStore, build, shipped, store_key
+from influence_bench.spec import catalog
+from influence_bench import paths
+from influence_bench.training import shipped as shipped_models
+from influence_bench import tally
+from influence_bench.training import fit as training
+from influence_bench.api.loading import get_context
+from influence_bench.groundtruth import GroundTruthStore, store_key
+from influence_bench.groundtruth import build
+from influence_bench.groundtruth import shipped
 from influence_bench.groundtruth.shipped import NOISE_FRACTION, replicate_noise
 from influence_bench.pytest_plugin import FidelityCase, shipped_violation
-from influence_bench.runner import fixed_removals
-from influence_bench.settings import GroundTruthSpec
+from influence_bench.scoring.runner import fixed_removals
+from influence_bench.spec.settings import GroundTruthSpec
 
 SID = "iris-logreg-wd1e-3"
 
@@ -107,7 +113,7 @@ def test_user_initial_weights_bypass_the_shipped_theta(root, monkeypatch):
 
 
 def test_ground_truth_key_and_curvature_record_follow_theta():
-    from influence_bench.setting_info import info_cache_path
+    from influence_bench.scoring.setting_info import info_cache_path
 
     ctx = get_context(catalog.get_setting(SID))
     moved = dataclasses.replace(ctx, theta=ctx.theta + 1e-15 * torch.sign(ctx.theta), _cache={})
@@ -171,7 +177,7 @@ def test_stochastic_check_tolerates_rounding_and_fails_a_changed_entry(tmp_path,
 
 
 def test_ship_check_can_report_a_theta_trained_here(root, capsys, monkeypatch):
-    from influence_bench.cli import main
+    from influence_bench.cli.main import main
 
     assert main(["ground-truth", "ship", SID, "--out", str(root), "--check", "--train", "--sample", "1"]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,9 @@
 
 import torch
 
-from influence_bench import catalog, data, training
+from influence_bench.spec import catalog
+from influence_bench.data import datasets as data
+from influence_bench.training import fit as training
 
 
 def _theta(setting, threads: int) -> torch.Tensor:

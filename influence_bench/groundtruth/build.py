@@ -12,78 +12,15 @@ from typing import Callable
 
 import numpy as np
 
-from .. import metrics, tally
-from ..context import Context
-from ..init_weights import init_weights_sha256
-from ..settings import part_dict
-from . import engine, lds
-from .store import Entries, GroundTruthStore, StoreKey
+from influence_bench import tally
+from influence_bench.api.context import Context
+from influence_bench.groundtruth import engine
+from influence_bench.groundtruth import lds
+from influence_bench.groundtruth.store import Entries, GroundTruthStore
+from influence_bench.groundtruth.keys import KINDS, data_fingerprint, store_key, replicate_keys, ceiling_method  # noqa: F401
+from influence_bench.groundtruth.compute import compute, combine  # noqa: F401
 
-KINDS = ("loo", "lds")
 ChunkHook = Callable[[np.ndarray], None]  # called with the ids of every chunk once it is saved
-
-
-def data_fingerprint(ctx: Context) -> str:
-    """sha256 of the train and test arrays (dtype, shape and bytes)."""
-    return ctx.data_sha256
-
-
-def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT, replicate: int = 0) -> StoreKey:
-    """The store key of one replicate (stochastic recipes: each replicate seed is its own key;
-    deterministic ones have a single replicate and keys without one)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown ground-truth kind {kind!r}; known: {', '.join(KINDS)}")
-    s = ctx.setting
-    config = part_dict("ground_truth", s.ground_truth)
-    if kind == "lds":
-        config["lds"] = lds_spec.config()
-    payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
-               "data": data_fingerprint(ctx), "theta": ctx.theta_sha256, "engine": engine.ENGINE_VERSION}
-    init = init_weights_sha256(s)
-    if init is not None:  # theta* started from the user's weights
-        payload["init_weights"] = init
-    if s.ground_truth.mode == "pbrf":
-        from .pbrf import PBRF_VERSION
-
-        payload["engine"] = PBRF_VERSION
-    if engine.stochastic(ctx):
-        payload["minibatch_engine"] = engine.MINIBATCH_VERSION
-        payload["replicate"] = int(replicate)
-    elif replicate:
-        raise ValueError(f"setting {s.id!r}: its ground truth is deterministic and has no replicate {replicate}")
-    return StoreKey(s.id, s.ground_truth.mode, kind, payload, int(ctx.data.x_test.shape[0]))
-
-
-def replicate_keys(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT) -> list[StoreKey]:
-    return [store_key(ctx, kind, lds_spec, r) for r in range(engine.n_replicates(ctx))]
-
-
-def ceiling_method(ctx: Context) -> str:
-    n = engine.n_replicates(ctx)
-    if not engine.stochastic(ctx):
-        return engine.CEILING_METHOD
-    return f"split-half Spearman-Brown over {n} replicates" if n > 1 else "unknown (one replicate)"
-
-
-def compute(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT,
-            replicate: int = 0) -> Entries:
-    """Retrain the models of ``ids`` now (no store), for one replicate."""
-    if kind == "loo":
-        return engine.compute(ctx, ids, replicate=replicate)
-    return lds.compute(ctx, ids, lds_spec, replicate=replicate)
-
-
-def combine(replicates: list[Entries]) -> Entries:
-    """The ground truth of R replicates (same ids and columns): their mean, with the noise ceiling of
-    their split-half agreement (Spearman-Brown corrected; NaN for a single replicate)."""
-    first = replicates[0]
-    if len(replicates) == 1:
-        return first
-    deltas = np.stack([e.delta for e in replicates])  # [R, m, cols]
-    ceiling = metrics.noise_ceiling(deltas.transpose(0, 2, 1)) if len(first.ids) > 2 else float("nan")
-    return Entries(first.ids, deltas.mean(0), np.nanmax(np.stack([e.grad_norm for e in replicates]), 0)
-                   if np.isfinite(first.grad_norm).any() else first.grad_norm,
-                   first.steps, noise_ceiling=ceiling, cols=first.cols)
 
 
 def valid_ids(ctx: Context, kind: str, ids: np.ndarray, lds_spec: lds.LdsSpec = lds.DEFAULT) -> np.ndarray:
@@ -138,7 +75,7 @@ def _build_replicate(ctx: Context, kind: str, ids: np.ndarray, store: GroundTrut
             missing = np.setdiff1d(ids, entries.ids)
             chunks = [missing[s:s + chunk] for s in range(0, len(missing), chunk)]
             if chunks and executor == "ray":
-                from . import ray_executor
+                from influence_bench.groundtruth import ray_executor
 
                 ray_executor.run(ctx.setting, kind, chunks, store, lds_spec, key.digest, workers, ray_address,
                                  ctx.device.type, on_chunk, replicate)

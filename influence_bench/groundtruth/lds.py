@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..context import Context
-from . import engine
-from .store import Entries
+from influence_bench.api.context import Context
+from influence_bench.groundtruth import engine
+from influence_bench.groundtruth.store import Entries
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def compute(ctx: Context, ids: np.ndarray, spec: LdsSpec = DEFAULT, chunk: int =
     engine.check_recipe(ctx)
     parts = engine.chunked(len(weights), chunk, lambda s, stop: engine.retrain_weights(
         ctx, weights[s:stop], spec.max_steps, replicate=replicate), f"LDS ground truth of {ctx.setting.id!r}")
-    res = engine._cat(parts)
+    res = engine.cat(parts)
     losses = engine.test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()
     return Entries(ids, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy(),

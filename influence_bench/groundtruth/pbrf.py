@@ -31,7 +31,7 @@ rounding, Newton takes no step): no control run is needed and
 
 Solved by the batched Newton-CG of ``newton.py`` from theta*, preconditioned by ``G + lambda I``
 (per-model Woodbury downdate by the removed point's Gauss-Newton curvature, exact for a linear
-model), or by the identity above ``engine.EXPLICIT_HESSIAN_MAX`` parameters. Reads
+model), or by the identity above ``common.EXPLICIT_HESSIAN_MAX`` parameters. Reads
 ``GroundTruthSpec.damping`` (lambda), ``max_steps``, ``grad_tol`` and ``cg_iters``.
 """
 
@@ -41,12 +41,13 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
-from .. import curvature, linear_fastpath
-from ..context import Context
-from ..models import FlatModel
-from ..newton import BatchedObjective, NewtonResult, Preconditioner, newton_cg_batched
-from . import engine
-from .store import Entries
+from influence_bench.curvature import products as curvature
+from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.api.context import Context
+from influence_bench.models.flat import FlatModel
+from influence_bench.training.newton import BatchedObjective, NewtonResult, Preconditioner, newton_cg_batched
+from influence_bench.groundtruth import common
+from influence_bench.groundtruth.store import Entries
 
 # Part of what a store key for this mode should hash (the integrator's choice), like engine.ENGINE_VERSION.
 PBRF_VERSION = "pbrf-newton-cg/1"
@@ -119,9 +120,9 @@ def objective(ctx: Context) -> BatchedObjective:
 def preconditioner(ctx: Context) -> Preconditioner:
     """``G + lambda I`` (the PBRF Hessian at theta* before the removal), or the identity for large models."""
     lam = float(ctx.setting.ground_truth.damping)
-    if ctx.n_params > engine.EXPLICIT_HESSIAN_MAX:
+    if ctx.n_params > common.EXPLICIT_HESSIAN_MAX:
         return Preconditioner.identity(lam)
-    return ctx._memo(("pbrf-precond", lam), lambda: Preconditioner.from_hessian(ctx.ggn(), lam))
+    return ctx.cached(("pbrf-precond", lam), lambda: Preconditioner.from_hessian(ctx.ggn(), lam))
 
 
 def _single_removals(weights: torch.Tensor) -> np.ndarray | None:
@@ -139,8 +140,8 @@ def retrain_weights(ctx: Context, weights: torch.Tensor) -> NewtonResult:
     obj = objective(ctx)  # checks lambda + wd > 0 first
     weights = weights.to(ctx.device, ctx.dtype)
     precond = preconditioner(ctx)
-    removed = _single_removals(weights) if ctx.n_params <= engine.EXPLICIT_HESSIAN_MAX else None
-    downdate = None if removed is None else engine.removal_downdate(ctx, removed)
+    removed = _single_removals(weights) if ctx.n_params <= common.EXPLICIT_HESSIAN_MAX else None
+    downdate = None if removed is None else common.removal_downdate(ctx, removed)
     return newton_cg_batched(ctx.fm, ctx.theta, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, precond,
                              gt.max_steps, gt.grad_tol, cg_iters=gt.cg_iters, downdate=downdate, objective=obj)
 
@@ -149,12 +150,12 @@ def compute(ctx: Context, removed: np.ndarray, chunk: int = 128) -> Entries:
     """``delta[i, j] = L(z_j; theta_i^pbrf) - L(z_j; theta*)`` for every test-set point j (no control run)."""
     removed = np.asarray(removed, dtype=np.int64)
     proximity(ctx)
-    base = engine.test_losses(ctx, ctx.theta[None])[0]
+    base = common.test_losses(ctx, ctx.theta[None])[0]
     deltas, norms, steps = [], [], []
     for s in range(0, len(removed), chunk):
         rem = removed[s:s + chunk]
-        res = retrain_weights(ctx, engine.removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device))
-        deltas.append((engine.test_losses(ctx, res.theta) - base).cpu().numpy())
+        res = retrain_weights(ctx, common.removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device))
+        deltas.append((common.test_losses(ctx, res.theta) - base).cpu().numpy())
         norms.append(res.grad_norm.cpu().numpy())
         steps.append(res.steps.cpu().numpy())
     n_test = int(ctx.data.x_test.shape[0])

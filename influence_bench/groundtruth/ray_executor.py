@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..settings import Setting
-from . import lds
-from .store import GroundTruthStore
+from influence_bench.spec.settings import Setting
+from influence_bench.groundtruth import lds
+from influence_bench.groundtruth.store import GroundTruthStore
 
 
 class RayUnavailable(RuntimeError):
@@ -33,8 +33,9 @@ def _import_ray():
 
 def _chunk_task(setting: Setting, kind: str, ids: np.ndarray, root: str, lds_spec: lds.LdsSpec, digest: str,
                 device: str, replicate: int = 0) -> list[int]:
-    from ..context import get_context
-    from .build import ceiling_method, compute, store_key
+    from influence_bench.api.loading import get_context
+    from influence_bench.groundtruth.compute import compute
+    from influence_bench.groundtruth.keys import ceiling_method, store_key
 
     ctx = get_context(setting, device)
     key = store_key(ctx, kind, lds_spec, replicate)

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..context import Context
-from ..paths import write_json, write_npz
-from . import engine
-from .build import ChunkHook, build, ceiling_method, compute, replicate_keys
-from .entries import Entries
-from .store import CorruptGroundTruth, GroundTruthStore, key_dir
+from influence_bench.api.context import Context
+from influence_bench.paths import write_json, write_npz
+from influence_bench.groundtruth import engine
+from influence_bench.groundtruth.build import ChunkHook, build, ceiling_method, compute, replicate_keys
+from influence_bench.groundtruth.entries import Entries
+from influence_bench.groundtruth.store import CorruptGroundTruth, GroundTruthStore, key_dir
 
 SHARD = "shard-shipped.npz"
 
 
 def export(ctx: Context, ids: np.ndarray, cache: GroundTruthStore, out: Path, chunk: int = 32,
-           on_chunk: ChunkHook | None = None) -> tuple[Path, Entries, list[Path]]:
+           on_chunk: ChunkHook | None = None, info: dict | None = None) -> tuple[Path, Entries, list[Path]]:
     """Ship leave-one-out ground truth of ``ids`` (plus the ids already shipped under the same key and
     columns) for ``ctx.test_idx`` into ``out``: one folder per replicate key (one for deterministic
     recipes). Returns (the first replicate's shard path, the entries as scored, i.e. the replicates'
@@ -54,7 +54,7 @@ def export(ctx: Context, ids: np.ndarray, cache: GroundTruthStore, out: Path, ch
             if p.name != SHARD:
                 p.unlink()
         dirs.append(d)
-    model = export_model(ctx, out)
+    model = export_model(ctx, out, info)
     key = keys[0]
     stale = [p for p in (out / key.setting_id).glob(f"{key.mode}-{key.kind}-*") if p.is_dir() and p not in dirs]
     stale += [p for p in (out / key.setting_id).glob("model-*") if p.is_file() and p.name.split(".")[0] != model.stem]
@@ -63,14 +63,16 @@ def export(ctx: Context, ids: np.ndarray, cache: GroundTruthStore, out: Path, ch
     return dirs[0] / SHARD, combined, stale
 
 
-def export_model(ctx: Context, out: Path) -> Path:
-    """Ship theta* of ``ctx`` (with its training checkpoints and its ``setting_info`` record) into ``out``."""
-    from .. import shipped_models, training
-    from ..setting_info import setting_info
+def export_model(ctx: Context, out: Path, info: dict | None = None) -> Path:
+    """Ship theta* of ``ctx`` (with its training checkpoints and, when given, its ``setting_info``
+    record, which the caller computes) into ``out``."""
+    from influence_bench.training import shipped as shipped_models
+    from influence_bench.training import fit as training
 
     path = training.export_model(ctx.setting, ctx.data, ctx.fm, ctx.theta, ctx.train_grad_norm, ctx.train_steps,
                                  out)
-    shipped_models.write_info(ctx.setting, out, ctx.theta_sha256, setting_info(ctx))
+    if info is not None:
+        shipped_models.write_info(ctx.setting, out, ctx.theta_sha256, info)
     return path
 
 
@@ -136,7 +138,7 @@ def replicate_noise(replicates: list[Entries], ids: np.ndarray, cols: np.ndarray
 
 def _check_model(ctx: Context, root: Path) -> tuple[bool, list[str]]:
     """The shipped theta* is there, verifies, and is the one ``ctx`` holds."""
-    from .. import shipped_models
+    from influence_bench.training import shipped as shipped_models
 
     sid, path = ctx.setting.id, shipped_models.path_for(ctx.setting, root)
     got = shipped_models.load(ctx.setting, ctx.data_sha256, root)
@@ -150,7 +152,7 @@ def _check_model(ctx: Context, root: Path) -> tuple[bool, list[str]]:
 
 
 def _read_key(ctx: Context, root: Path, key, replicate: int) -> tuple[bool, Entries | None, list[str]]:
-    cols, sid = np.asarray(ctx.test_idx, np.int64), ctx.setting.id
+    cols = np.asarray(ctx.test_idx, np.int64)
     label = _label(ctx, replicate)
     d = key_dir(root, key)
     shards = sorted(d.glob("shard-*.npz"))
@@ -187,7 +189,7 @@ def _label(ctx: Context, replicate: int) -> str:
 
 def _recompute(ctx: Context, entries: Entries, ids: np.ndarray, replicate: int, tol: float,
                noise: float | None) -> tuple[bool, str]:
-    from .. import tally
+    from influence_bench import tally
 
     cols = np.asarray(ctx.test_idx, np.int64)
     fresh = compute(ctx, "loo", ids, replicate=replicate).lookup(ids, cols)
@@ -207,9 +209,10 @@ def training_drift(ctx: Context) -> str:
     relative L2 distance, and how many of the evaluated test points it would choose alike. Only a
     report: stochastic recipes are chaotic, so theta* differs between machines in its last bits
     and more; scores use the shipped theta*."""
-    from .. import tally, training
-    from ..context import select_test_points
-    from ..models import FlatModel
+    from influence_bench import tally
+    from influence_bench.training import fit as training
+    from influence_bench.api.loading import select_test_points
+    from influence_bench.models.flat import FlatModel
 
     s = ctx.setting
     fm = FlatModel(training.initial_module(s, ctx.data, ctx.dtype, ctx.device))

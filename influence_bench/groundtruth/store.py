@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from .entries import ARRAYS, Entries, MissingColumns
-from ..hashing import hash_json, sha256_array  # noqa: F401  (re-exported)
-from ..paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
+from influence_bench.groundtruth.entries import ARRAYS, Entries, MissingColumns  # noqa: F401  (re-exported)
+from influence_bench.hashing import hash_json, sha256_array  # noqa: F401  (re-exported)
+from influence_bench.paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
 
 

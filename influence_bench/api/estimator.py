@@ -1,0 +1,67 @@
+"""The estimator plug-in API.
+
+An estimator is a small class with a ``name``, a few capability tags and one method,
+``influence(ctx)``, returning the ``[n_test, n_train]`` matrix of predicted changes in test loss
+when each training point is removed (the sign convention of DESIGN.md)::
+
+    I[j, i] ~= L(z_j; theta_{-i}) - L(z_j; theta*)     # positive: point i was helping test point j
+
+First-order influence functions give ``I[j, i] = (1/n) grad L(z_j)^T H^-1 grad L(z_i)``.
+Hyperparameters are dataclass fields with defaults; ``diagnostics`` is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from influence_bench.errors import EstimatorError, EstimatorUnsupported  # noqa: F401
+
+if TYPE_CHECKING:
+    from influence_bench.api.context import Context
+
+
+class Estimator:
+    """Base class. Subclass it as a dataclass, set ``name``, implement ``influence``."""
+
+    name: ClassVar[str] = ""
+    #: capability tags, e.g. {"hessian"}, {"stochastic"}, {"gradient-only"}
+    tags: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self) -> None:  # dataclass subclasses generate their own
+        pass
+
+    def influence(self, ctx: "Context") -> torch.Tensor:
+        raise NotImplementedError(f"estimator {self.name!r} does not implement influence(ctx)")
+
+    # ---- bookkeeping, not for overriding -------------------------------------------------
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        if "_diagnostics" not in self.__dict__:
+            self.__dict__["_diagnostics"] = {}
+        return self.__dict__["_diagnostics"]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        if dataclasses.is_dataclass(self):
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {}
+
+    @property
+    def stochastic(self) -> bool:
+        return "stochastic" in self.tags
+
+
+def check_output(value: Any, estimator: str, setting: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Validate an estimator's return value; raise ``EstimatorError`` saying exactly what is wrong."""
+    where = f"estimator {estimator!r} on setting {setting!r}"
+    if not isinstance(value, torch.Tensor):
+        raise EstimatorError(f"{where} returned {type(value).__name__}, expected a torch.Tensor of shape {shape}")
+    if not value.is_floating_point():
+        raise EstimatorError(f"{where} returned dtype {value.dtype}, expected a floating-point tensor")
+    if tuple(value.shape) != tuple(shape):
+        raise EstimatorError(f"{where} returned shape {tuple(value.shape)}, expected [n_test, n_train] = {shape}")
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        raise EstimatorError(f"{where} returned {int(bad.sum())} non-finite values (NaN/Inf) of {value.numel()}")
+    return value.detach().to("cpu", torch.float64)

@@ -1,0 +1,1 @@
+"""Datasets: loading, seeded stratified subsets, standardisation, and preparing offline copies."""

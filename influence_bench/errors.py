@@ -1,0 +1,15 @@
+"""The errors an estimator raises (re-exported by ``influence_bench`` and ``influence_bench.api``):
+the lowest layer, so curvature helpers can refuse a model without importing the plug-in API."""
+
+from __future__ import annotations
+
+
+class EstimatorError(RuntimeError):
+    """An estimator failed or returned something unusable; the message names estimator and setting."""
+
+
+class EstimatorUnsupported(RuntimeError):
+    """An estimator refuses a setting up front (model too large, layer type unsupported, ...).
+
+    Raised inside ``influence``; the suites record the case as skipped with this message.
+    """

@@ -1,0 +1,96 @@
+"""``influence-bench report``: a Markdown page with tables and PNG figures from run files.
+
+Figures (each drawn only when the runs hold the cases it needs; the page says which were left out):
+
+* ``fidelity_vs_depth.png`` — mean Spearman/Pearson per MLP depth, one line per estimator;
+* ``fidelity_vs_width.png`` — the same against width, where a width sweep exists;
+* ``weight_decay.png`` — weight decay on (wd > 0) vs off (wd = 0) for otherwise equal settings;
+* ``spread.png`` — per-test-point Spearman (box + points) per setting and estimator;
+* ``curvature.png`` — top Hessian eigenvalue vs depth beside fidelity (when cases carry it);
+* ``time_vs_fidelity.png`` — estimator wall time against mean Spearman.
+
+Scores are drawn with their 95% CIs as error bars, and the noise ceiling as a dashed line. The shape
+of a setting (depth, width, weight decay) comes from the case's ``setting_info`` (run files v2), else
+from the catalog when the setting id and version still match, else the setting is left out of the
+shape figures (it still appears in the tables, the spread and the time figures).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from influence_bench.reporting.schema import Run
+from influence_bench.reporting.points import FIDELITY, Point, shape_of, merge_cases, sort_key  # noqa: F401
+
+def _fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def fidelity_table(points: list[Point]) -> list[str]:
+    rows: dict[tuple, dict[str, Point]] = {}
+    for p in sorted(points, key=sort_key):
+        rows.setdefault((p.setting, p.estimator, p.protocol), {})[p.metric] = p
+    lines = ["| setting | estimator | protocol | Spearman [95% CI] | min | Pearson [95% CI] | n | ceiling | "
+             "Spearman / ceiling | time s | peak MiB | device |", "|" + "---|" * 12]
+    for (setting, est, proto), ms in rows.items():
+        p0 = next(iter(ms.values()))
+        if p0.status != "ok":
+            lines.append(f"| {setting} | {est} | {proto} | {p0.status}: {p0.message.splitlines()[0][:80] if p0.message else ''}"
+                         " |  |  |  |  |  |  |  |  |")
+            continue
+
+        def cell(m):
+            p = ms.get(m)
+            if p is None or p.value is None:
+                return "n/a"
+            return f"{p.value:.3f} [{_fmt(p.ci_low)}, {_fmt(p.ci_high)}]"
+
+        sp = ms.get("spearman")
+        frac = _fmt(sp.value / p0.noise_ceiling if sp and sp.value is not None and p0.noise_ceiling else None, ".2f")
+        lines.append(f"| {setting} | {est} | {proto} | {cell('spearman')} | {_fmt(sp.min if sp else None)} | "
+                     f"{cell('pearson')} | {p0.n_test} | {p0.noise_ceiling:.2f} | {frac} | "
+                     f"{_fmt(p0.wall_time_s, '.2f')} | {_fmt(p0.peak_memory_mb, '.0f')} | {p0.device} |")
+    return lines
+
+
+def run_table(runs: list[Run]) -> list[str]:
+    lines = ["| run file | created | tier | commit | torch | CUDA | device | CPUs | cases |", "|" + "---|" * 9]
+    for r in runs:
+        sha = r.commit.get("sha")
+        commit = (sha[:10] if sha else "unknown") + (" (dirty)" if r.commit.get("dirty") else "")
+        lines.append(f"| {r.path.name if r.path else '-'} | {r.created[:19]} | {r.tier or '-'} | {commit} | "
+                     f"{r.machine.get('torch')} | {r.machine.get('cuda') or '-'} | {r.machine.get('device_name')} | "
+                     f"{r.machine.get('cpu_count')} | {len(r.cases)} |")
+    return lines
+
+
+def write_report(runs: list[Run], out: Path) -> Path:
+    """Write ``out/report.md`` and its PNGs; returns the page's path."""
+    from influence_bench.reporting import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = [Point(c, shape_of(c)) for c in merge_cases(runs)]
+    ok = [p for p in points if p.status == "ok" and p.metric in FIDELITY]
+    figures = [("Fidelity vs depth", "fidelity_vs_depth.png", plots.vs_shape, dict(axis="depth")),
+               ("Fidelity vs width", "fidelity_vs_width.png", plots.vs_shape, dict(axis="width")),
+               ("Weight decay on vs off", "weight_decay.png", plots.weight_decay, {}),
+               ("Spread across test points", "spread.png", plots.spread, {}),
+               ("Curvature: top Hessian eigenvalue vs depth", "curvature.png", plots.curvature, {}),
+               ("Cost vs fidelity", "time_vs_fidelity.png", plots.time_vs_fidelity, {})]
+    md = ["# influence-bench report", "",
+          "Scores: mean over test points with bootstrap 95% CI; the noise ceiling is the best score any "
+          "estimator can reach (1 for deterministic ground truth). Sign convention and protocols: README.md.", "",
+          "## Runs", "", *run_table(runs), ""]
+    for title, name, fn, kw in figures:
+        md += [f"## {title}", ""]
+        why = fn(ok, out / name, **kw)
+        if why:
+            (out / name).unlink(missing_ok=True)
+            md += [f"_Not drawn: {why}._", ""]
+        else:
+            md += [f"![{title}]({name})", ""]
+    md += ["## Fidelity table", "", *fidelity_table(points), ""]
+    page = out / "report.md"
+    page.write_text("\n".join(md))
+    return page

@@ -1,0 +1,1 @@
+"""Scoring an estimator: protocols, the runner, metrics, cost measurement, setting facts, benchmarks."""

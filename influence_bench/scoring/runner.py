@@ -1,0 +1,111 @@
+"""Score one estimator on one setting: compute its influence matrix, fetch (or build) the ground
+truth for each protocol, and turn the comparison into result cases."""
+
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+import torch
+
+from influence_bench import metrics
+from influence_bench.api.context import Context
+from influence_bench.api.loading import get_context
+from influence_bench.scoring.measure import Measurement, measure
+from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
+from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.api.registry import REGISTRY
+from influence_bench.reporting.schema import Case  # noqa: F401  (Case: the result record, re-exported here)
+from influence_bench.reporting.schema import setting_info as setting_shape
+from influence_bench.scoring.setting_info import setting_info
+from influence_bench.spec.settings import Setting
+from influence_bench.scoring.protocols import PROTOCOLS, KNOWN_PROTOCOLS, fixed_removals, topk_removals, compare  # noqa: F401
+
+def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:
+    """Call the estimator, validate its output; returns (influence [n_test, n_train], time and memory)."""
+    where = f"estimator {est.name!r} on setting {ctx.setting.id!r}"
+    with measure(ctx.device) as m:
+        try:
+            out = est.influence(ctx)
+        except (EstimatorUnsupported, EstimatorError):
+            raise
+        except Exception as exc:
+            raise EstimatorError(f"{where} raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
+    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), m
+
+
+def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
+             protocols: tuple[str, ...] | None = None, store: GroundTruthStore | None = None) -> list[Case]:
+    """All cases of one estimator on one setting. Never raises for estimator failures: they become
+    ``error`` / ``skipped`` cases carrying the message (the other cases still run)."""
+    return evaluate_context(estimator, get_context(setting, device), protocols, store)
+
+
+def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
+                     store: GroundTruthStore | None = None, info: dict | None = None) -> list[Case]:
+    """``evaluate`` on a context built by the caller (e.g. ``loading.build_context`` on generated
+    fixture data the setting's hash does not describe). ``info`` replaces the per-setting record of
+    ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given."""
+    est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
+    setting = ctx.setting
+    protocols = tuple(protocols) if protocols else setting.protocol.default
+    base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
+                spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
+                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting),
+                device=str(ctx.device))
+    try:
+        # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
+        # depend on which estimator ran before) and cannot leave edited tensors to the next one
+        influence, cost = run_estimator(est, ctx.fresh())
+    except EstimatorUnsupported as exc:
+        return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
+                for p in protocols for m in metrics.METRICS]
+    except EstimatorError as exc:
+        return [Case(protocol=p, metric=m, status="error", message=str(exc), **base)
+                for p in protocols for m in metrics.METRICS]
+    compared = {p: compare(influence, ctx, p, store) for p in protocols}
+    info = setting_info(ctx) if info is None else info  # after ground truth, which has formed the Hessian where it can
+    cases = []
+    for p in protocols:
+        predicted, actual, ceiling = compared[p]
+        for m, fn in metrics.METRICS.items():
+            agg = metrics.aggregate(fn(predicted, actual))
+            cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
+                              median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
+                              per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
+                              noise_ceiling=ceiling, wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
+                              extra_memory_mb=cost.extra_memory_mb,
+                              diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
+    return cases
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        out[k] = v
+    return out
+
+
+def removals(ctx, estimators: list[str], log=print) -> np.ndarray:
+    """loo-fixed plus every listed estimator's loo-topk removals; estimators that fail are skipped."""
+    from influence_bench.api.registry import REGISTRY
+    from influence_bench.errors import EstimatorError, EstimatorUnsupported
+
+    ids = [fixed_removals(ctx)]
+    if "loo-topk" not in ctx.setting.protocol.default:  # the suites score loo-fixed alone here
+        return ids[0]
+    for name in estimators:
+        try:
+            influence, _ = run_estimator(REGISTRY.create(name), ctx)
+        except (EstimatorUnsupported, EstimatorError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log(f"{ctx.setting.id}: skipping estimator {name!r} ({type(exc).__name__}: {first})")
+            continue
+        ids.append(np.unique(topk_removals(influence, ctx.setting.protocol.topk)))
+    return np.unique(np.concatenate(ids))

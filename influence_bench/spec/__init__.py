@@ -1,0 +1,1 @@
+"""Settings (frozen, hashed specs), the catalog of tiers, and the thresholds table."""
