@@ -21,6 +21,8 @@ Hyperparameters:
     damping     added to every kept eigenvalue (default 0).
     seed        seed of the start vector (a private torch.Generator).
     max_basis_mb  refuse settings whose basis (n_iters x P floats) exceeds this.
+    max_seconds refuse (``EstimatorUnsupported``) when the ``n_iters`` Hessian-vector products would take
+                longer than this at the product time measured on the setting (default 120 s).
 
 Diagnostics: the kept eigenvalues, how many are negative, the Ritz residuals
 ``||H u - lambda u||`` of the kept pairs (converged eigenpairs have small ones), rank.

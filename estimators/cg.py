@@ -19,8 +19,11 @@ Hyperparameters:
                 same fidelity; use 1e-10 or less to reproduce `exact` digit for digit).
     max_iters   iteration cap per test point (default 1000; a solve that hits it is reported as
                 not converged in the diagnostics, not an error).
-    chunk_size  test points per vectorised product (None: all at once); bounds memory, does not
-                change the numbers.
+    chunk_size  test points per vectorised product (None: all at once); bounds memory, and changes
+                the numbers only within ``tol`` (a test point solved beside slower ones may take
+                more iterations than it needs).
+    max_seconds refuse (``EstimatorUnsupported``) when even 50 iterations per test point would take
+                longer than this at the product time measured on the setting (default 120 s).
 
 Diagnostics: iterations per test point, the true relative residuals ``||b - A x|| / ||b||``
 (recomputed at the end), convergence, and ``negative_curvature`` -- the test points whose search

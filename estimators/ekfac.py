@@ -7,7 +7,7 @@ into that basis, ``Lam*[o, a] = E_i sum_c ((Q_S^T g_ic)_o)^2 ((Q_A^T a~_i)_a)^2`
 the model's output distribution taken exactly) -- the diagonal of the exact GGN block in that
 basis, so EK-FAC is never further from the exact block (Frobenius norm) than K-FAC.
 
-``I[j, i] = (1/n) g_j^T (G_EKFAC + (weight_decay + damping) I)^-1 g_i`` (DESIGN.md sign convention).
+``I[j, i] = (1/n) g_j^T (G_EKFAC + (weight_decay + damping) I)^-1 g_i`` (docs/protocol.md sign convention).
 
 Hyperparameters:
     damping: added to the weight decay on every corrected eigenvalue (default 0).

@@ -2,7 +2,7 @@
 
 ``I[j, i] = s * cos(g_j, g_i)`` with one global scale ``s = (1/n) * mean_j ||g_j|| * mean_i ||g_i||``
 (the magnitude gradient-dot would give to typical points), recorded in the diagnostics.
-``s > 0``, so the sign is gradient-dot's and the DESIGN.md convention holds (aligned gradients:
+``s > 0``, so the sign is gradient-dot's and the docs/protocol.md convention holds (aligned gradients:
 a step on point i also lowers test loss j, so removing i is predicted to raise it). Unlike
 gradient-dot, ``I / s`` does not depend on the length of any single gradient: rescaling one test or
 training gradient by ``c > 0`` leaves every ``I / s`` unchanged (the outlier-heavy norms of

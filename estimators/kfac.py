@@ -1,6 +1,6 @@
 """``kfac``: influence with the Kronecker-factored Gauss-Newton matrix (Martens & Grosse 2015).
 
-``I[j, i] = (1/n) g_j^T (G_KFAC + (weight_decay + damping) I)^-1 g_i`` (DESIGN.md sign convention:
+``I[j, i] = (1/n) g_j^T (G_KFAC + (weight_decay + damping) I)^-1 g_i`` (docs/protocol.md sign convention:
 the predicted change in test loss j when training point i is removed; positive = helping).
 ``G_KFAC`` is block-diagonal over the model's ``nn.Linear`` layers, each block ``S (x) A`` with
 ``A = E[a~ a~^T]`` (layer inputs with a bias column) and ``S = E[g g^T]`` (pre-activation gradients,

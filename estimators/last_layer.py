@@ -7,7 +7,7 @@ included. Because the model output is linear in the final layer's parameters, th
 is exactly ``(1/n) sum_i Lam_i (x) h~_i h~_i^T + weight_decay I`` (``h~ = [features; 1]``, ``Lam_i`` the
 output Hessian of the loss: ``diag(p) - p p^T`` for cross-entropy, ``I`` for squared error), which
 is what is built here. For a one-layer model (logistic regression) this is the full ``exact``.
-DESIGN.md sign convention: positive = removing training point i raises test loss j.
+docs/protocol.md sign convention: positive = removing training point i raises test loss j.
 
 Hyperparameters:
     damping: added to the diagonal (default 0; the weight decay is always included).

@@ -52,6 +52,9 @@ Hyperparameters:
 A diverging run raises ``EstimatorError`` naming the setting and the scale/damping, and suggesting a
 larger scale or damping. Diagnostics: the scale (and scales tried), the lambda_max estimate, the
 relative change over the last 10% of the recursion (convergence), and the spread across repeats.
+    max_seconds refuse (``EstimatorUnsupported``) when depth x repeats Hessian-vector products (times the
+                scales ``scale="auto"`` tries) would take longer than this at the product time measured
+                on the setting (default 120 s).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ At a stationary point of ``J = (1/n) sum_i L_i + (lam/2) ||theta||^2`` the final
     Phi(x_t) = sum_i alpha_i (f~_i . f~_t)          (exactly, nothing left over)
 
 ``decomposition`` returns the terms ``alpha_i k(i, t)`` (``[n_test, n_train, C]``). Conversion to
-DESIGN.md's sign convention: removing training point i deletes its term, so the output of test
+docs/protocol.md's sign convention: removing training point i deletes its term, so the output of test
 point t moves by ``-alpha_i k(i, t)`` and, to first order, its loss by
 
     I[t, i] = -dL_t/dPhi_t . alpha_i k(i, t)

@@ -4,7 +4,7 @@
 point i on test loss j, summed along the optimisation path. The ``1/n`` is this project's: the
 objective is the *mean* loss, so a full-batch step moves theta by ``-(lr/n) g_i`` on account of point
 i, and deleting that contribution changes test loss j by ``+(lr/n) g_j . g_i`` to first order
-(DESIGN.md sign convention: positive = point i was helping). Pruthi et al.'s per-example SGD
+(docs/protocol.md sign convention: positive = point i was helping). Pruthi et al.'s per-example SGD
 TracIn is ``n`` times this. With a single checkpoint at theta* and ``lr = 1`` it is exactly
 ``gradient-dot``.
 

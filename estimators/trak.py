@@ -16,7 +16,7 @@ For each checkpoint ``theta_m`` (``ctx.checkpoints()``: evenly spaced L-BFGS ite
 
 As in TRAK, the ensemble averages the kernel part and the Q part separately:
 ``tau = mean_m(tau_m) * mean_m(Q_m)[i]`` -- TRAK's attribution of the *output* ``f(z_t)``, i.e.
-``f(z_t; theta*) - f(z_t; theta_-i)``. Conversion to DESIGN.md's convention (change of test *loss*
+``f(z_t; theta*) - f(z_t; theta_-i)``. Conversion to docs/protocol.md's convention (change of test *loss*
 when i is removed): ``I[t, i] = dL_t/df_t * (f(theta_-i) - f(theta*)) = (1 - p_{t,y}(theta*)) * tau[t, i]``;
 the factor is positive, so TRAK's sign is kept (positive = helping). With one checkpoint this is
 ``g_t^T K g_i`` in loss gradients: the influence function with ``n H`` replaced by TRAK's feature

@@ -7,22 +7,16 @@ A suite test asks for ``fidelity_case`` (one estimator on one setting) and ``inf
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from influence_bench.spec import catalog
-from influence_bench import paths
-from influence_bench.training import shipped as shipped_models
-from influence_bench import tally
 from influence_bench.data.datasets import DataUnavailable
 from influence_bench.api.registry import REGISTRY
-from influence_bench.reporting.runfiles import new_run_path, write_run
 from influence_bench.spec.settings import TIERS, Setting
-from influence_bench.reporting.table import fidelity_table
-from influence_bench.spec.thresholds import Thresholds, judge
+from influence_bench.spec.thresholds import Thresholds
 
 
 @dataclass(frozen=True)
@@ -56,40 +50,40 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 class BenchSession:
-    """Collects the cases of a pytest session; writes the run file and prints the table at the end."""
+    """The pytest front-end of a ``ScoringSession``: turns its verdicts into passed / failed /
+    skipped / xfailed tests, writes the run file, applies the regression gate and prints the table."""
 
     def __init__(self, config: pytest.Config):
         self.config = config
-        self.cases: list = []
         self.thresholds = Thresholds.load()
-        self.run_path: Path | None = None
         self.comparison = None
         self.gates, self.baseline = _gate_options(config)
-        self.work: Counter = Counter()  # what the fidelity cases trained and computed
-        self.session_start = tally.snapshot()
-        self.shipped_violations: list[str] = []
+        self._scoring = None
 
     @property
     def device(self) -> str:
         return self.config.getoption("--device")
 
-    def check(self, fc: FidelityCase) -> None:
-        from influence_bench.scoring.runner import evaluate
+    @property
+    def scoring(self):
+        if self._scoring is None:
+            from influence_bench.scoring.session import ScoringSession
 
-        before = tally.snapshot()
+            self._scoring = ScoringSession(self.device, self.thresholds)
+        return self._scoring
+
+    @property
+    def cases(self) -> list:
+        return self._scoring.cases if self._scoring is not None else []
+
+    def check(self, fc: FidelityCase) -> None:
         try:
-            cases = evaluate(fc.estimator, fc.setting, device=self.device)
+            cases, violation = self.scoring.evaluate(fc.estimator, fc.setting)
         except DataUnavailable as exc:
             if self.config.getoption("--require-data"):
                 pytest.fail(f"{fc.id}: {exc}", pytrace=False)
             pytest.skip(f"{fc.id}: {exc}")
-        finally:
-            work = tally.since(before)
-            self.work.update(work)
-        self.cases += cases
-        violation = shipped_violation(fc, work)
-        if violation:  # also fails the session: an xfail mark on the case must not hide it
-            self.shipped_violations.append(violation)
+        if violation:  # also fails the session (sessionfinish): an xfail mark on the case must not hide it
             pytest.fail(violation, pytrace=False)
         status = cases[0].status
         if status == "skipped":
@@ -97,40 +91,11 @@ class BenchSession:
         if status == "error":
             pytest.fail(cases[0].message, pytrace=False)
         known: list[str] = []
-        _, failures = judge(cases, self.thresholds, known)
+        _, failures = self.scoring.judge(cases, known)
         if failures:
             pytest.fail("\n".join(failures + known), pytrace=False)
         if known:
             pytest.xfail("\n".join(known))
-
-
-def shipped_violation(fc: FidelityCase, work) -> str | None:
-    """A built-in estimator on a setting whose theta* and ground truth the checkout ships must train
-    and retrain nothing: if it did, the shipped files no longer match the code (or lack the
-    estimator's top-k removals), and every fresh machine pays for it. Returns the message, or None."""
-    from influence_bench.api.registry import builtin_estimators
-
-    root = paths.shipped_gt_dir()
-    model = shipped_models.path_for(fc.setting, root)
-    if model is None or not model.is_file() or fc.estimator not in builtin_estimators():
-        return None
-    trained = work.get((tally.TRAINED, fc.setting.id), 0)
-    computed = work.get((tally.COMPUTED, fc.setting.id), 0)
-    if not (trained or computed):
-        return None
-    return (f"{fc.id}: {fc.setting.id} ships theta* and ground truth in {root}, yet this case trained {trained} "
-            f"model(s) and computed {computed} ground-truth entries: the shipped files no longer match the code "
-            f"or lack {fc.estimator}'s top-k removals. Re-export with `influence-bench ground-truth ship "
-            f"{fc.setting.id}` and commit {root}.")
-
-
-def work_summary(fidelity, session) -> str:
-    """One line: what the fidelity cases trained and computed, and the whole session beside it."""
-    line = (f"influence-bench: fidelity cases trained {tally.total(fidelity, tally.TRAINED)} models and computed "
-            f"{tally.total(fidelity, tally.COMPUTED)} ground-truth entries")
-    return line + (f" (whole session, unit tests included: {tally.total(session, tally.TRAINED)} models trained, "
-                   f"{tally.total(session, tally.COMPUTED)} entries computed, "
-                   f"{tally.total(session, tally.VERIFIED)} recomputed to verify)")
 
 
 def _gate_options(config: pytest.Config):
@@ -179,8 +144,25 @@ def _selected_estimators(cfg: pytest.Config) -> list[str]:
     return names
 
 
+@pytest.fixture(scope="session")
+def check_contexts():
+    """The small trained models the generated estimator checks run on (``scoring/checks.py``)."""
+    from influence_bench.scoring.checks import default_contexts
+
+    return default_contexts()
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg = metafunc.config
+    if "estimator_check" in metafunc.fixturenames:
+        from influence_bench.scoring.checks import EXCEPTIONS, cases
+
+        params = []
+        for name, check in cases(_selected_estimators(cfg)):
+            reason = EXCEPTIONS.get((check.name, name))
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            params.append(pytest.param((name, check), id=f"check-{check.name}-{name}", marks=marks))
+        metafunc.parametrize("estimator_check", params)
     if "fidelity_case" not in metafunc.fixturenames:
         return
     names = _selected_estimators(cfg)
@@ -209,17 +191,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     bench = session.config.stash.get(_KEY, None)
     if bench is None or not bench.cases:
         return
-    if bench.shipped_violations:
+    scoring = bench.scoring
+    if scoring.shipped_violations:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     config = session.config
     out = config.getoption("--results-dir")
     results_dir = Path(out) if out else Path(config.rootpath) / "results"
-    bench.run_path = write_run(new_run_path(results_dir), bench.cases, extra={"tier": config.getoption("--tier")})
+    scoring.write_run(results_dir, extra={"tier": config.getoption("--tier")})
     if bench.baseline is not None:
         from influence_bench.reporting.gates import compare_runs
         from influence_bench.reporting.schema import load_run
 
-        bench.comparison = compare_runs(load_run(bench.run_path), bench.baseline, bench.gates)
+        bench.comparison = compare_runs(load_run(scoring.run_path), bench.baseline, bench.gates)
         if bench.comparison.failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -228,22 +211,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     bench = config.stash.get(_KEY, None)
     if bench is None or not bench.cases:
         return
-    verdicts, _ = judge(bench.cases, bench.thresholds)
+    scoring = bench.scoring
     terminalreporter.section("influence-bench fidelity")
-    terminalreporter.write_line(fidelity_table(bench.cases, verdicts))
-    if bench.run_path is not None:
-        terminalreporter.write_line(f"results written to {bench.run_path}")
-    terminalreporter.write_line(work_summary(bench.work, tally.since(bench.session_start)))
-    if bench.shipped_violations:
+    terminalreporter.write_line(scoring.table())
+    if scoring.run_path is not None:
+        terminalreporter.write_line(f"results written to {scoring.run_path}")
+    terminalreporter.write_line(scoring.work_summary())
+    if scoring.shipped_violations:
         terminalreporter.section("influence-bench shipped settings retrained", red=True)
-        for v in bench.shipped_violations:
+        for v in scoring.shipped_violations:
             terminalreporter.write_line(v, red=True)
     if bench.comparison is not None:
         from influence_bench.reporting.gates import format_comparison
 
         failed = bench.comparison.failed
         terminalreporter.section("influence-bench regression gate", red=failed, green=not failed)
-        text = format_comparison(bench.comparison, str(bench.run_path), config.getoption("--baseline"),
+        text = format_comparison(bench.comparison, str(scoring.run_path), config.getoption("--baseline"),
                                  max_listed=None if config.getoption("verbose") > 0 else 5)
         for line in text.splitlines():
             terminalreporter.write_line(line, red=failed and line.startswith("GATE FAILED"), bold=failed)

@@ -79,3 +79,37 @@ def test_estimator_from_a_pip_installed_package_is_listed(tmp_path):
     assert res.returncode == 0 and "example-entry-point" in res.stdout, res.stdout + res.stderr
     without = _cli("list", "estimators", cwd=tmp_path)  # not installed: not listed
     assert "example-entry-point" not in without.stdout
+
+
+BROKEN = """
+from dataclasses import dataclass
+from influence_bench import Estimator, register
+
+@register
+@dataclass
+class Transposed(Estimator):
+    \"\"\"Returns [n_train, n_test]: the wrong way round. Hyperparameters: none.\"\"\"
+
+    name = "transposed"
+
+    def influence(self, ctx):
+        return ctx.train_grads() @ ctx.test_grads().T
+"""
+
+
+def _checks(plugins: Path, estimator: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INFLUENCE_BENCH_ESTIMATORS": str(plugins), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "suites/test_estimator_checks.py", "--estimator", estimator,
+                           "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_generated_checks_run_on_a_new_plugin_and_catch_a_broken_one(tmp_path):
+    (tmp_path / "my_estimator.py").write_text(_readme_estimator_file())
+    (tmp_path / "transposed.py").write_text(BROKEN)
+    good = _checks(tmp_path, "my-estimator")
+    assert good.returncode == 0 and "4 passed" in good.stdout, good.stdout[-3000:]
+    bad = _checks(tmp_path, "transposed")
+    assert bad.returncode == 1, bad.stdout[-3000:]
+    assert "FAILED suites/test_estimator_checks.py::test_estimator_check[check-output-transposed]" in bad.stdout
+    assert "returned shape" in bad.stdout

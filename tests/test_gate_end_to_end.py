@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, register
-from influence_bench.registry import REGISTRY
+from influence_bench import REGISTRY
 
 
 @register

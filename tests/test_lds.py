@@ -1,4 +1,4 @@
-"""LDS ground truth (Park et al. 2023, DESIGN.md's sign convention) through the batched engine."""
+"""LDS ground truth (Park et al. 2023, docs/protocol.md's sign convention) through the batched engine."""
 
 import numpy as np
 import pytest

@@ -10,10 +10,10 @@ from influence_bench.reporting.runfiles import write_run
 from influence_bench.reporting.schema import Case
 
 SUITE = '''
-from influence_bench.schema import Case
+from influence_bench.reporting.schema import Case
 
 def test_case(influence_bench):
-    influence_bench.cases.append(Case(estimator="est", setting="iris-a", setting_version=1, spec_hash="h",
+    influence_bench.scoring.cases.append(Case(estimator="est", setting="iris-a", setting_version=1, spec_hash="h",
                                       protocol="loo-fixed", mode="warm", metric="spearman",
                                       value={value}, ci_low={value} - 0.02, ci_high={value} + 0.02, n_test=10))
 '''

@@ -25,7 +25,8 @@ from influence_bench.groundtruth import GroundTruthStore, store_key
 from influence_bench.groundtruth import build
 from influence_bench.groundtruth import shipped
 from influence_bench.groundtruth.shipped import NOISE_FRACTION, replicate_noise
-from influence_bench.pytest_plugin import FidelityCase, shipped_violation
+from influence_bench.scoring.session import shipped_violation
+from influence_bench.scoring.setting_info import setting_info
 from influence_bench.scoring.runner import fixed_removals
 from influence_bench.spec.settings import GroundTruthSpec
 
@@ -37,7 +38,8 @@ def root(tmp_path):
     """A shipped root holding theta* and all-points loo ground truth of SID (trained here)."""
     out = tmp_path / "shipped"
     ctx = get_context(catalog.get_setting(SID))  # the shipped layer is off in tests/: trained here
-    shipped.export(ctx, fixed_removals(ctx), GroundTruthStore(tmp_path / "export-cache", shipped=None), out)
+    shipped.export(ctx, fixed_removals(ctx), GroundTruthStore(tmp_path / "export-cache", shipped=None), out,
+                   info=setting_info(ctx))
     return out
 
 
@@ -191,12 +193,12 @@ def test_shipped_violation_names_the_setting_and_the_fix(root, monkeypatch):
     monkeypatch.setenv("INFLUENCE_BENCH_SHIPPED_GT", str(root))
     setting = catalog.get_setting(SID)
     work = Counter({(tally.COMPUTED, SID): 7})
-    msg = shipped_violation(FidelityCase("exact", setting), work)
+    msg = shipped_violation("exact", setting, work)
     assert "computed 7 ground-truth entries" in msg and f"ground-truth ship {SID}" in msg
-    assert shipped_violation(FidelityCase("exact", setting), Counter()) is None
-    assert shipped_violation(FidelityCase("exact", setting), Counter({(tally.COMPUTED, "other"): 3})) is None
+    assert shipped_violation("exact", setting, Counter()) is None
+    assert shipped_violation("exact", setting, Counter({(tally.COMPUTED, "other"): 3})) is None
     other = catalog.get_setting("iris-mlp-d1-w16-wd1e-3")  # nothing shipped for it in this root
-    assert shipped_violation(FidelityCase("exact", other), Counter({(tally.TRAINED, other.id): 1})) is None
+    assert shipped_violation("exact", other, Counter({(tally.TRAINED, other.id): 1})) is None
 
 
 def _suite(root: Path, cache: Path) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 An estimator is a small class with a ``name``, a few capability tags and one method,
 ``influence(ctx)``, returning the ``[n_test, n_train]`` matrix of predicted changes in test loss
-when each training point is removed (the sign convention of DESIGN.md)::
+when each training point is removed (the sign convention of docs/protocol.md)::
 
     I[j, i] ~= L(z_j; theta_{-i}) - L(z_j; theta*)     # positive: point i was helping test point j
 

@@ -121,7 +121,7 @@ def add_parser(sub) -> None:
     b.add_argument("settings", nargs="+", metavar="SETTING")
     b.add_argument("--protocol", choices=sorted(PROTOCOL_KIND), default="loo-fixed")
     b.add_argument("--mode", choices=["warm", "scratch", "pbrf"], default=None,
-                   help="ground-truth mode (default: the setting's; see DESIGN.md)")
+                   help="ground-truth mode (default: the setting's; see docs/protocol.md)")
     b.add_argument("--estimator", default=None, help="for loo-topk: whose top-k points to remove")
     b.add_argument("--executor", choices=["local", "ray"], default="local")
     b.add_argument("--workers", type=int, default=2, help="Ray CPUs when starting a local Ray instance")

@@ -35,10 +35,7 @@ def _list(args) -> int:
 
 def _score(args) -> int:
     from influence_bench.data.datasets import DataUnavailable
-    from influence_bench.reporting.runfiles import new_run_path, write_run
-    from influence_bench.scoring.runner import evaluate
-    from influence_bench.reporting.table import fidelity_table
-    from influence_bench.spec.thresholds import Thresholds, judge
+    from influence_bench.scoring.session import ScoringSession
 
     try:
         REGISTRY.get(args.estimator)
@@ -49,28 +46,26 @@ def _score(args) -> int:
     if not settings:
         print(f"influence-bench: no setting matches {args.settings} in tier {args.tier!r}", file=sys.stderr)
         return 2
-    cases, skipped = [], []
+    session, skipped = ScoringSession(args.device), []
     for s in settings:
         s = s.with_mode(args.mode) if args.mode else s
         print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr, flush=True)
         try:
-            cases += evaluate(args.estimator, s, device=args.device, protocols=tuple(args.protocol) if args.protocol else None)
+            session.evaluate(args.estimator, s, protocols=tuple(args.protocol) if args.protocol else None)
         except DataUnavailable as exc:
             skipped.append(f"{s.id}: {exc}")
-    verdicts, failures = judge(cases, Thresholds.load())
+    cases = session.cases
+    _, failures = session.judge()
     reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)
-    if reference:
-        ref_verdicts, _ = judge(reference, Thresholds.load())
-        verdicts = {**ref_verdicts, **verdicts}
-    print(fidelity_table(cases + reference, verdicts))
+    print(session.table(reference))
     if reference:
         print(f"other estimators' rows: from the baseline {_baseline_path(args.baseline)} (not recomputed)")
     for line in skipped:
         print(f"skipped (data missing) {line}")
     for line in failures:
         print(f"FAIL {line}")
-    if cases:
-        path = write_run(new_run_path(Path(args.results_dir)), cases, extra={"tier": args.tier})
+    path = session.write_run(Path(args.results_dir), extra={"tier": args.tier})
+    if path is not None:
         print(f"results written to {path}")
     return 1 if failures or any(c.status == "error" for c in cases) else 0
 

@@ -1,4 +1,4 @@
-"""Linear datamodeling score ground truth (Park et al. 2023) in DESIGN.md's sign convention.
+"""Linear datamodeling score ground truth (Park et al. 2023) in the sign convention of docs/protocol.md.
 
 ``M`` seeded random subsets S_m keep a fraction ``alpha`` of the training set; one model is
 retrained on each (``warm`` mode: from theta*, the left-out points' weights set to 0 with the 1/n

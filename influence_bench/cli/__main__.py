@@ -1,0 +1,7 @@
+"""``python -m influence_bench.cli``: the command line."""
+
+import sys
+
+from influence_bench.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""One scoring session: evaluate estimators on settings, judge the cases against the thresholds,
+tabulate them and write the run file. ``influence-bench score`` and the pytest plugin are both thin
+front-ends over it, so the two give the same verdicts, the same table and the same run file."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from influence_bench import paths, tally
+from influence_bench.api.registry import builtin_estimators
+from influence_bench.reporting.runfiles import new_run_path, write_run
+from influence_bench.reporting.schema import Case
+from influence_bench.reporting.table import fidelity_table
+from influence_bench.scoring.runner import evaluate
+from influence_bench.spec.settings import Setting
+from influence_bench.spec.thresholds import Thresholds, judge
+from influence_bench.training import shipped as shipped_models
+
+
+class ScoringSession:
+    """Collects the cases, what they trained and computed, and shipped settings that retrained."""
+
+    def __init__(self, device: str = "cpu", thresholds: Thresholds | None = None):
+        self.device = device
+        self.thresholds = thresholds or Thresholds.load()
+        self.cases: list[Case] = []
+        self.work: Counter = Counter()  # what the evaluated cases trained and computed
+        self.start = tally.snapshot()  # the whole session's work is counted from here
+        self.shipped_violations: list[str] = []
+        self.run_path: Path | None = None
+
+    def evaluate(self, estimator: str, setting: Setting, protocols: tuple[str, ...] | None = None
+                 ) -> tuple[list[Case], str | None]:
+        """The cases of ``estimator`` on ``setting`` (recorded), and the shipped-setting violation
+        they caused, if any (``shipped_violation``). Raises ``DataUnavailable`` like ``evaluate``."""
+        before = tally.snapshot()
+        try:
+            cases = evaluate(estimator, setting, device=self.device, protocols=protocols)
+        finally:
+            work = tally.since(before)
+            self.work.update(work)
+        self.cases += cases
+        violation = shipped_violation(estimator, setting, work)
+        if violation:
+            self.shipped_violations.append(violation)
+        return cases, violation
+
+    def judge(self, cases: list[Case] | None = None, known: list[str] | None = None
+              ) -> tuple[dict, list[str]]:
+        """(verdict per case key, failure lines) of ``cases`` (default: every case so far)."""
+        return judge(self.cases if cases is None else cases, self.thresholds, known)
+
+    def table(self, reference: list[Case] = ()) -> str:
+        """The fidelity table of the session's cases, with ``reference`` rows (e.g. a baseline's) judged too."""
+        verdicts, _ = self.judge()
+        if reference:
+            verdicts = {**self.judge(list(reference))[0], **verdicts}
+        return fidelity_table(self.cases + list(reference), verdicts)
+
+    def write_run(self, results_dir: Path, extra: dict | None = None) -> Path | None:
+        if not self.cases:
+            return None
+        self.run_path = write_run(new_run_path(Path(results_dir)), self.cases, extra=extra or {})
+        return self.run_path
+
+    def work_summary(self) -> str:
+        """One line: what the evaluated cases trained and computed, and the whole process beside it."""
+        fid, whole = self.work, tally.since(self.start)
+        return (f"influence-bench: fidelity cases trained {tally.total(fid, tally.TRAINED)} models and computed "
+                f"{tally.total(fid, tally.COMPUTED)} ground-truth entries (whole session, unit tests included: "
+                f"{tally.total(whole, tally.TRAINED)} models trained, {tally.total(whole, tally.COMPUTED)} entries "
+                f"computed, {tally.total(whole, tally.VERIFIED)} recomputed to verify)")
+
+
+def shipped_violation(estimator: str, setting: Setting, work: Counter) -> str | None:
+    """A built-in estimator on a setting whose theta* and ground truth the checkout ships must train
+    and retrain nothing: if it did, the shipped files no longer match the code (or lack the
+    estimator's top-k removals), and every fresh machine pays for it. Returns the message, or None."""
+    root = paths.shipped_gt_dir()
+    model = shipped_models.path_for(setting, root)
+    if model is None or not model.is_file() or estimator not in builtin_estimators():
+        return None
+    trained = work.get((tally.TRAINED, setting.id), 0)
+    computed = work.get((tally.COMPUTED, setting.id), 0)
+    if not (trained or computed):
+        return None
+    return (f"{estimator}-{setting.id}: {setting.id} ships theta* and ground truth in {root}, yet this case trained "
+            f"{trained} model(s) and computed {computed} ground-truth entries: the shipped files no longer match "
+            f"the code or lack {estimator}'s top-k removals. Re-export with `influence-bench ground-truth ship "
+            f"{setting.id}` and commit {root}.")
