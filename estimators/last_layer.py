@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from influence_bench import Estimator, EstimatorUnsupported, register
-from influence_bench.curvature.products import solve_rows
 from influence_bench.curvature.kfac import factored_dot, final_features, output_hessian, output_loss_grad
+from influence_bench.curvature.products import solve_rows
 
 
 @register

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from influence_bench.spec import catalog
-from influence_bench.data.datasets import DataUnavailable
 from influence_bench.api.registry import REGISTRY
+from influence_bench.data.datasets import DataUnavailable
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS, Setting
 from influence_bench.spec.thresholds import Thresholds
 
@@ -127,6 +127,19 @@ def _gate_options(config: pytest.Config):
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_KEY] = BenchSession(config)
     config.addinivalue_line("markers", "fidelity: a generated (estimator x setting) fidelity case")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where there is none")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Tests marked ``gpu`` skip, saying why, on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu); this machine has none")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 _KEY = pytest.StashKey[BenchSession]()

@@ -7,11 +7,11 @@
 
 import pytest
 
-from influence_bench.spec import catalog
-from influence_bench.scoring.benchmarking import benchmark_estimator
-from influence_bench.data.datasets import DataUnavailable
 from influence_bench.api.estimator import EstimatorUnsupported
 from influence_bench.api.registry import REGISTRY
+from influence_bench.data.datasets import DataUnavailable
+from influence_bench.scoring.benchmarking import benchmark_estimator
+from influence_bench.spec import catalog
 
 BENCH_SETTINGS = ("iris-logreg-wd1e-3", "iris-mlp-d3-w16-wd1e-3", "mnist5k-logreg-wd1e-3")
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from influence_bench import metrics
-from influence_bench.spec.catalog import get_setting
 from influence_bench.api.loading import get_context
 from influence_bench.curvature.products import per_sample_loss
 from influence_bench.data.datasets import DataUnavailable
 from influence_bench.groundtruth import ground_truth
 from influence_bench.scoring.runner import fixed_removals
+from influence_bench.spec.catalog import get_setting
 
 SETTINGS = ["iris-logreg-wd1e-3", "mnist5k-logreg-wd1e-3"]
 

@@ -29,19 +29,19 @@ import pytest
 import torch
 from PIL import Image
 
-from influence_bench.spec import catalog
-from influence_bench.curvature import products as curvature
 from influence_bench.api.loading import build_context
+from influence_bench.curvature import products as curvature
 from influence_bench.data.datasets import Dataset, load_imagefolder
-from influence_bench.groundtruth import GroundTruthStore, ground_truth, store_key
-from influence_bench.groundtruth import engine
+from influence_bench.groundtruth import GroundTruthStore, engine, ground_truth, store_key
 from influence_bench.metrics import METRICS
-from influence_bench.scoring.runner import PROTOCOLS
-from influence_bench.scoring.runner import evaluate_context
+from influence_bench.scoring.runner import PROTOCOLS, evaluate_context
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
 
-# the module (``influence_bench.groundtruth.build`` the attribute is its ``build`` function)
-gt_build = importlib.import_module("influence_bench.groundtruth.build")
+pytestmark = pytest.mark.slow
+
+# the module (``influence_bench.groundtruth.builder`` the attribute is its ``build`` function)
+gt_build = importlib.import_module("influence_bench.groundtruth.builder")
 
 CLASSES = ("fixture-0-red", "fixture-1-green")
 ESTIMATORS = ("gradient-dot", "tracin", "representer")

@@ -5,13 +5,11 @@ import os
 
 import pytest
 
-from influence_bench.spec import catalog
 from influence_bench import paths
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore
-from influence_bench.groundtruth import build
-from influence_bench.groundtruth import engine
+from influence_bench.groundtruth import GroundTruthStore, build, engine
 from influence_bench.scoring.runner import fixed_removals
+from influence_bench.spec import catalog
 
 # read at collection, before any fixture of another directory can change the environment
 SHIPPED_ENV_AT_START = os.environ.get("INFLUENCE_BENCH_SHIPPED_GT")
@@ -37,9 +35,9 @@ def test_smoke_setting_trains_and_retrains_nothing(setting, request):
     cache it is scored against exactly the model its ground truth was computed from, and its
     loo-fixed ground truth (every replicate) is served without retraining. (The fidelity cases
     fail, too, when a built-in estimator's top-k removals are not shipped.)"""
-    from influence_bench.training import shipped as shipped_models
     from influence_bench import tally
     from influence_bench.data.datasets import DataUnavailable
+    from influence_bench.training import shipped as shipped_models
 
     if SHIPPED_ENV_AT_START is not None:
         pytest.skip(f"$INFLUENCE_BENCH_SHIPPED_GT={SHIPPED_ENV_AT_START!r} set by the user")

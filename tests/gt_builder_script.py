@@ -10,10 +10,9 @@ import time
 
 import numpy as np
 
-from influence_bench.spec import catalog
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore
-from influence_bench.groundtruth import build
+from influence_bench.groundtruth import GroundTruthStore, build
+from influence_bench.spec import catalog
 
 p = argparse.ArgumentParser()
 p.add_argument("root")

@@ -7,7 +7,15 @@ import torch
 
 from influence_bench.api.loading import build_context
 from influence_bench.data.datasets import Dataset
-from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TestPointSpec, TrainSpec
+from influence_bench.spec.settings import (
+    DataSpec,
+    GroundTruthSpec,
+    ModelSpec,
+    ProtocolSpec,
+    Setting,
+    TestPointSpec,
+    TrainSpec,
+)
 
 
 def ridge_context(n: int, d: int, weight_decay: float, seed: int = 0, n_test: int = 6):

@@ -23,10 +23,10 @@ def test_bench_unknown_setting_is_a_clear_error(capsys):
 
 def test_bench_minibatch_recipe_times_vmap_against_torch_optim():
     import numpy as np
-
-    from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
-    from influence_bench.api.loading import build_context
     from helpers import blobs, minibatch_setting
+
+    from influence_bench.api.loading import build_context
+    from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
 
     ctx = build_context(minibatch_setting(), blobs(96, 24), use_cache=False)
     r = bench_ground_truth(ctx, np.arange(5))

@@ -3,13 +3,13 @@ theta*, the influence function and leave-one-out retraining."""
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from influence_bench.groundtruth import engine
-from influence_bench.api.registry import REGISTRY
-from influence_bench.scoring.runner import run_estimator
-
 from helpers import ridge_closed_form, ridge_context
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from influence_bench.api.registry import REGISTRY
+from influence_bench.groundtruth import engine
+from influence_bench.scoring.runner import run_estimator
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

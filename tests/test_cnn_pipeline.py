@@ -5,16 +5,16 @@ influence and the setting's curvature block."""
 import numpy as np
 import torch
 
-from influence_bench.curvature import products as curvature
-from influence_bench.spec.catalog import MLP_GROUND_TRUTH
 from influence_bench.api.loading import build_context
+from influence_bench.api.registry import REGISTRY
+from influence_bench.curvature import products as curvature
 from influence_bench.data.datasets import Dataset
 from influence_bench.groundtruth import engine
-from influence_bench.training.newton import weighted_grads
-from influence_bench.api.registry import REGISTRY
 from influence_bench.scoring.setting_info import setting_info
+from influence_bench.spec.catalog import MLP_GROUND_TRUTH
 from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
 from influence_bench.spec.settings import TestPointSpec as PointsSpec
+from influence_bench.training.newton import weighted_grads
 
 
 def _images(n, n_test, shape, seed=0):

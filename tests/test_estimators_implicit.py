@@ -12,16 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import ridge_closed_form, ridge_context
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from influence_bench import EstimatorError, EstimatorUnsupported
-from influence_bench.spec import catalog
-from influence_bench.curvature import products as curvature
 from influence_bench.api.loading import get_context
-from influence_bench.models.flat import FlatModel, LogisticRegression, mlp
 from influence_bench.api.registry import REGISTRY
-
-from helpers import ridge_closed_form, ridge_context
+from influence_bench.curvature import products as curvature
+from influence_bench.models.flat import FlatModel, LogisticRegression, mlp
+from influence_bench.spec import catalog
 
 LOGREG = "iris-logreg-wd1e-3"
 MLP = "iris-mlp-d1-w16-wd1e-3"

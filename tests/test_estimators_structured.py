@@ -10,27 +10,27 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import ridge_closed_form, ridge_context
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import jacrev, vmap
 
 from influence_bench import EstimatorUnsupported
-from influence_bench.spec import catalog
-from influence_bench.data import datasets as data_mod
-from influence_bench.curvature import kfac
-from influence_bench.training import fit as training
 from influence_bench.api.context import Context
 from influence_bench.api.loading import build_context
+from influence_bench.api.registry import REGISTRY
+from influence_bench.curvature import kfac
 from influence_bench.curvature.products import per_sample_grads
+from influence_bench.data import datasets as data_mod
 from influence_bench.data.datasets import Dataset
 from influence_bench.models.flat import FlatModel, LogisticRegression, build_model
 from influence_bench.paths import write_npz
-from influence_bench.api.registry import REGISTRY
 from influence_bench.scoring.runner import run_estimator
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import DataSpec, ModelSpec, Setting, TrainSpec
 from influence_bench.spec.settings import TestPointSpec as PointSpec
-
-from helpers import ridge_closed_form, ridge_context
+from influence_bench.training import fit as training
 
 NAMES = ("kfac", "ekfac", "last-layer", "gradient-cosine", "tracin", "representer", "trak")
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from influence_bench.cli.main import main
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 PLUGIN = '''

@@ -3,7 +3,7 @@
 import dataclasses
 
 from influence_bench.spec import catalog
-from influence_bench.spec.settings import DataSpec, make_id, ModelSpec
+from influence_bench.spec.settings import DataSpec, ModelSpec, make_id
 
 
 def test_iris_grid_is_complete_with_documented_tiers():
@@ -74,8 +74,8 @@ def test_paper_tier_settings_ids_tiers_and_specs():
 def test_paper_model_parameter_counts():
     import torch
 
-    from influence_bench.spec.catalog_paper import PARAMS
     from influence_bench.models.flat import FlatModel, build_model
+    from influence_bench.spec.catalog_paper import PARAMS
 
     def n(family, shape, classes):
         return FlatModel(build_model(ModelSpec(family), 0, classes, 0, torch.float32, in_shape=shape)).n_params

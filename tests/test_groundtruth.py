@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
-
 from helpers import scipy_logreg_test_losses
-from influence_bench.spec import catalog
+
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore, ground_truth
-from influence_bench.groundtruth import engine
+from influence_bench.groundtruth import GroundTruthStore, engine, ground_truth
+from influence_bench.spec import catalog
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import re
 
 import numpy as np
 
-from influence_bench.spec import catalog
-from influence_bench.cli.main import main
 from influence_bench.api.loading import get_context
+from influence_bench.cli.main import main
 from influence_bench.groundtruth import Entries, GroundTruthStore, store_key
+from influence_bench.spec import catalog
 
 SID = "iris-logreg-wd1e-3"
 

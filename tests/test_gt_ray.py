@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from influence_bench.spec import catalog
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore, store_key
-from influence_bench.groundtruth import build
+from influence_bench.groundtruth import GroundTruthStore, build, store_key
+from influence_bench.spec import catalog
+
+pytestmark = pytest.mark.slow
 
 
 def test_ray_executor_equals_local_executor(tmp_path):

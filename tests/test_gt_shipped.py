@@ -6,14 +6,21 @@ import dataclasses
 import numpy as np
 import pytest
 
-from influence_bench.spec import catalog
 from influence_bench import paths
-from influence_bench.cli.main import main
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import CorruptGroundTruthWarning, Entries, GroundTruthStore, MissingColumns, ground_truth, store_key
-from influence_bench.groundtruth import build
-from influence_bench.groundtruth import shipped
+from influence_bench.cli.main import main
+from influence_bench.groundtruth import (
+    CorruptGroundTruthWarning,
+    Entries,
+    GroundTruthStore,
+    MissingColumns,
+    build,
+    ground_truth,
+    shipped,
+    store_key,
+)
 from influence_bench.scoring.runner import compare, evaluate, fixed_removals
+from influence_bench.spec import catalog
 
 SID = "iris-logreg-wd1e-3"
 

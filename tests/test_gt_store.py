@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influence_bench.spec import catalog
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import CorruptGroundTruthWarning, GroundTruthStore, store_key
-from influence_bench.groundtruth import build
+from influence_bench.groundtruth import CorruptGroundTruthWarning, GroundTruthStore, build, store_key
+from influence_bench.spec import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "gt_builder_script.py"

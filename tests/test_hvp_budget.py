@@ -3,13 +3,12 @@ their products would exceed max_seconds on this machine, and the curvature recor
 top eigenvalues only."""
 
 import pytest
-
-from influence_bench.scoring import setting_info
-from influence_bench.api.loading import build_context
-from influence_bench.api.estimator import EstimatorUnsupported
-from influence_bench.api.registry import REGISTRY
-
 from helpers import blobs, minibatch_setting
+
+from influence_bench.api.estimator import EstimatorUnsupported
+from influence_bench.api.loading import build_context
+from influence_bench.api.registry import REGISTRY
+from influence_bench.scoring import setting_info
 
 
 @pytest.fixture

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench.models.init_weights import InitWeightsError, env_var, find_init_weights, init_weights_sha256, load_init_weights, sha256_file, tagged_cache_path
 from influence_bench.models.flat import FlatModel, build_model
+from influence_bench.models.init_weights import (
+    InitWeightsError,
+    env_var,
+    find_init_weights,
+    init_weights_sha256,
+    load_init_weights,
+    sha256_file,
+    tagged_cache_path,
+)
 from influence_bench.spec.settings import DataSpec, ModelSpec, Setting, TrainSpec
 
 SETTING = Setting(id="iris-mlp-d2-w8-wd1e-3", tier="smoke", data=DataSpec("iris", 120, 30),

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-
 from helpers import scipy_logreg_test_losses
-from influence_bench.spec import catalog
+
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore, lds_ground_truth, store_key
-from influence_bench.groundtruth import lds
+from influence_bench.groundtruth import GroundTruthStore, lds, lds_ground_truth, store_key
 from influence_bench.scoring.runner import evaluate
+from influence_bench.spec import catalog
 
 IRIS = catalog.get_setting("iris-logreg-wd1e-3")
 

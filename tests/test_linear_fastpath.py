@@ -2,11 +2,12 @@
 
 import numpy as np
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import grad, jvp
 
-from influence_bench.curvature import products as curvature
 from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.curvature import products as curvature
 from influence_bench.models.flat import FlatModel, build_model
 from influence_bench.spec.settings import ModelSpec
 
@@ -32,9 +33,9 @@ def test_fastpath_equals_autograd(n, d, c, b, wd, seed):
 
 
 def test_ground_truth_batched_equals_sequential_on_logistic_regression():
-    from influence_bench.spec import catalog
     from influence_bench.api.loading import get_context
     from influence_bench.groundtruth import engine
+    from influence_bench.spec import catalog
 
     ctx = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
     removed = np.array([2, 40, 77, 118])

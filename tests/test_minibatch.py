@@ -7,18 +7,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings as hsettings, strategies as st
+from helpers import blobs as _blobs
+from helpers import minibatch_setting as _setting
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from influence_bench.training import minibatch as mb
 from influence_bench.api.loading import build_context
-from influence_bench.groundtruth import GroundTruthStore
-from influence_bench.groundtruth import build
-from influence_bench.groundtruth import engine
-from influence_bench.groundtruth.build import store_key
+from influence_bench.groundtruth import GroundTruthStore, build, engine
+from influence_bench.groundtruth.builder import store_key
 from influence_bench.models.flat import FlatModel, mlp
 from influence_bench.spec.settings import GroundTruthSpec, Setting
-
-from helpers import blobs as _blobs, minibatch_setting as _setting
+from influence_bench.training import minibatch as mb
 
 RECIPES = [mb.Recipe("sgd", 0.1, 16, 40), mb.Recipe("sgd", 0.05, 16, 40, momentum=0.9), mb.Recipe("adam", 0.01, 16, 40)]
 
@@ -123,8 +123,8 @@ def test_scratch_control_of_replicate_zero_is_theta_star():
 
 
 def test_scratch_on_a_convex_full_batch_setting_is_the_leave_one_out_optimum():
-    from influence_bench.spec import catalog
     from influence_bench.api.loading import get_context
+    from influence_bench.spec import catalog
 
     warm = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
     scratch = get_context(warm.setting.with_mode("scratch"))

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import ridge_closed_form, ridge_context
-from influence_bench.spec import catalog
-from influence_bench.data import datasets as data_mod
+
 from influence_bench import metrics
 from influence_bench.api.context import Context
 from influence_bench.api.loading import build_context
-from influence_bench.data.datasets import Dataset
-from influence_bench.groundtruth import engine
-from influence_bench.groundtruth import pbrf
 from influence_bench.api.registry import REGISTRY
+from influence_bench.data import datasets as data_mod
+from influence_bench.data.datasets import Dataset
+from influence_bench.groundtruth import engine, pbrf
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec
 from influence_bench.spec.settings import TestPointSpec as PointSpec
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from influence_bench import Estimator
-from influence_bench.spec import catalog
+from influence_bench.api.registry import REGISTRY
 from influence_bench.groundtruth import GroundTruthStore
 from influence_bench.paths import atomic_path, write_json
-from influence_bench.api.registry import REGISTRY
 from influence_bench.reporting.runfiles import SCHEMA_VERSION, read_run, write_run
 from influence_bench.scoring.runner import evaluate
+from influence_bench.spec import catalog
 
 IRIS = catalog.get_setting("iris-logreg-wd1e-3")
 

@@ -1,9 +1,8 @@
 """evaluate_context (a prebuilt context) gives the runner's own cases."""
 
-from influence_bench.spec import catalog
 from influence_bench.api.loading import get_context
-from influence_bench.scoring.runner import evaluate
-from influence_bench.scoring.runner import evaluate_context
+from influence_bench.scoring.runner import evaluate, evaluate_context
+from influence_bench.spec import catalog
 
 
 def test_evaluate_context_matches_evaluate():

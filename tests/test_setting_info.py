@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from influence_bench.spec import catalog
-from influence_bench.scoring import setting_info as si
 from influence_bench.api.loading import get_context
 from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.scoring import setting_info as si
 from influence_bench.scoring.runner import evaluate
 from influence_bench.scoring.setting_info import info_cache_path
+from influence_bench.spec import catalog
 from influence_bench.training.fit import model_cache_path
 
 

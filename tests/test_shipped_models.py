@@ -15,20 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from influence_bench.spec import catalog
-from influence_bench import paths
-from influence_bench.training import shipped as shipped_models
-from influence_bench import tally
-from influence_bench.training import fit as training
+from influence_bench import paths, tally
 from influence_bench.api.loading import get_context
-from influence_bench.groundtruth import GroundTruthStore, store_key
-from influence_bench.groundtruth import build
-from influence_bench.groundtruth import shipped
+from influence_bench.groundtruth import GroundTruthStore, build, shipped, store_key
 from influence_bench.groundtruth.shipped import NOISE_FRACTION, replicate_noise
+from influence_bench.scoring.runner import fixed_removals
 from influence_bench.scoring.session import shipped_violation
 from influence_bench.scoring.setting_info import setting_info
-from influence_bench.scoring.runner import fixed_removals
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import GroundTruthSpec
+from influence_bench.training import fit as training
+from influence_bench.training import shipped as shipped_models
 
 SID = "iris-logreg-wd1e-3"
 
@@ -208,6 +205,7 @@ def _suite(root: Path, cache: Path) -> subprocess.CompletedProcess:
                           cwd=paths.repo_root(), env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_suite_fails_when_a_shipped_setting_retrains_and_says_zero_when_it_does_not(root, tmp_path):
     setting = catalog.get_setting(SID)
     theta_only = tmp_path / "theta-only"

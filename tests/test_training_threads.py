@@ -2,8 +2,8 @@
 
 import torch
 
-from influence_bench.spec import catalog
 from influence_bench.data import datasets as data
+from influence_bench.spec import catalog
 from influence_bench.training import fit as training
 
 

@@ -29,7 +29,6 @@ from influence_bench.hashing import sha256_tensors
 from influence_bench.models.flat import FlatModel
 from influence_bench.spec.settings import Setting
 
-
 SCOPES = ("setting", "estimator")
 
 

@@ -16,6 +16,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
 from influence_bench.errors import EstimatorError, EstimatorUnsupported  # noqa: F401
 
 if TYPE_CHECKING:

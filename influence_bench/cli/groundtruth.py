@@ -8,15 +8,15 @@ import time
 
 import numpy as np
 
-from influence_bench.spec import catalog
 from influence_bench.cli.progress import Progress  # noqa: F401
+from influence_bench.spec import catalog
 
 PROTOCOL_KIND = {"loo-fixed": "loo", "loo-topk": "loo", "lds": "lds"}
 
 
 def _ids(ctx, protocol: str, estimator: str | None, device: str) -> np.ndarray:
-    from influence_bench.groundtruth import lds
     from influence_bench.api.registry import REGISTRY
+    from influence_bench.groundtruth import lds
     from influence_bench.scoring.runner import fixed_removals, run_estimator, topk_removals
 
     if protocol == "loo-fixed":
@@ -31,8 +31,7 @@ def _ids(ctx, protocol: str, estimator: str | None, device: str) -> np.ndarray:
 
 def _build(args) -> int:
     from influence_bench.api.loading import get_context
-    from influence_bench.groundtruth import GroundTruthStore, store_key
-    from influence_bench.groundtruth import build
+    from influence_bench.groundtruth import GroundTruthStore, build, store_key
 
     store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
     kind = PROTOCOL_KIND[args.protocol]
@@ -52,7 +51,7 @@ def _build(args) -> int:
 def _verify(args) -> int:
     from influence_bench.api.loading import get_context
     from influence_bench.groundtruth import GroundTruthStore, store_key
-    from influence_bench.groundtruth.build import compute
+    from influence_bench.groundtruth.builder import compute
 
     store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
     ctx = get_context(catalog.get_setting(args.setting), args.device)
@@ -79,10 +78,8 @@ def _verify(args) -> int:
 
 def _info(args) -> int:
     from influence_bench.api.loading import get_context
-    from influence_bench.groundtruth import GroundTruthStore
-    from influence_bench.groundtruth import build
-    from influence_bench.groundtruth import engine
-    from influence_bench.groundtruth.build import replicate_keys
+    from influence_bench.groundtruth import GroundTruthStore, build, engine
+    from influence_bench.groundtruth.builder import replicate_keys
 
     store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
     ctx = get_context(catalog.get_setting(args.setting), args.device)

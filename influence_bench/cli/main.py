@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from influence_bench.spec import catalog
-from influence_bench.paths import repo_root
 from influence_bench.api.registry import REGISTRY, RegistryError
+from influence_bench.paths import repo_root
+from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS
 
 
@@ -168,9 +168,9 @@ def _bench(args) -> int:
 
     import numpy as np
 
-    from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
     from influence_bench.api.loading import get_context
     from influence_bench.data.datasets import DataUnavailable
+    from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
     from influence_bench.scoring.runner import fixed_removals
 
     try:
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "ground-truth":
         return args.func(args)
-    from influence_bench.spec.catalog import UnknownSetting
     from influence_bench.groundtruth.ray_executor import RayUnavailable
+    from influence_bench.spec.catalog import UnknownSetting
 
     try:
         return args.func(args)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from influence_bench.spec import catalog
-from influence_bench.scoring.runner import removals
 from influence_bench.api.registry import builtin_estimators  # noqa: F401
+from influence_bench.scoring.runner import removals
+from influence_bench.spec import catalog
 
 
 def _settings(args) -> list:
@@ -40,12 +40,10 @@ def _ship(args) -> int:
 
 
 def _ship_to(args, out: Path) -> int:
-    from influence_bench.cli.progress import Progress
     from influence_bench.api.loading import get_context
+    from influence_bench.cli.progress import Progress
     from influence_bench.data.datasets import DataUnavailable
-    from influence_bench.groundtruth import GroundTruthStore, store_key
-    from influence_bench.groundtruth import engine
-    from influence_bench.groundtruth import shipped
+    from influence_bench.groundtruth import GroundTruthStore, engine, shipped, store_key
     from influence_bench.scoring.setting_info import setting_info
 
     cache = GroundTruthStore(args.root, shipped=None) if args.root else GroundTruthStore(shipped=None)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from influence_bench.training import minibatch
 from influence_bench.groundtruth import engine
+from influence_bench.training import minibatch
 
 
 @dataclass

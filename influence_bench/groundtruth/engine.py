@@ -22,11 +22,18 @@ import numpy as np
 import torch
 
 from influence_bench.api.context import Context
-from influence_bench.groundtruth.common import (EXPLICIT_HESSIAN_MAX, cat, chunked, initial_theta,  # noqa: F401
-                                                preconditioner, removal_downdate, removal_weights, test_losses)
+from influence_bench.groundtruth.common import (  # noqa: F401
+    EXPLICIT_HESSIAN_MAX,
+    cat,
+    chunked,
+    initial_theta,
+    preconditioner,
+    removal_downdate,
+    removal_weights,
+    test_losses,
+)
 from influence_bench.groundtruth.entries import Entries
-from influence_bench.groundtruth.recipes import (ENGINE_VERSION, MINIBATCH_VERSION, Recipe,  # noqa: F401
-                                                 minibatch_recipe, recipe_for)
+from influence_bench.groundtruth.recipes import ENGINE_VERSION, MINIBATCH_VERSION, Recipe, minibatch_recipe, recipe_for  # noqa: F401
 from influence_bench.training.newton import NewtonResult
 
 # Deterministic recipes (Newton-CG: no data order, no sampling) have identical replicates, so their

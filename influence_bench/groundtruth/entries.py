@@ -25,10 +25,6 @@ class Entries:
     noise_ceiling: float = 1.0
     cols: np.ndarray | None = None  # test-set columns ``delta`` holds, in order; None = all of them
 
-    @property
-    def removed(self) -> np.ndarray:  # the LOO name of ``ids``
-        return self.ids
-
     @classmethod
     def empty(cls, n_test: int, cols: np.ndarray | None = None) -> "Entries":
         width = n_test if cols is None else len(cols)

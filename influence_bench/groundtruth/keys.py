@@ -9,7 +9,6 @@ from influence_bench.groundtruth.store import StoreKey
 from influence_bench.models.init_weights import init_weights_sha256
 from influence_bench.spec.settings import part_dict
 
-
 KINDS = ("loo", "lds")
 
 

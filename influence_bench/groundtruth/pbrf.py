@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vmap
 
-from influence_bench.curvature import products as curvature
-from influence_bench.curvature import linear as linear_fastpath
 from influence_bench.api.context import Context
-from influence_bench.models.flat import FlatModel
-from influence_bench.training.newton import BatchedObjective, NewtonResult, Preconditioner, newton_cg_batched
+from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.curvature import products as curvature
 from influence_bench.groundtruth import common
 from influence_bench.groundtruth.store import Entries
+from influence_bench.models.flat import FlatModel
+from influence_bench.training.newton import BatchedObjective, NewtonResult, Preconditioner, newton_cg_batched
 
 # Part of what a store key for this mode should hash (the integrator's choice), like engine.ENGINE_VERSION.
 PBRF_VERSION = "pbrf-newton-cg/1"

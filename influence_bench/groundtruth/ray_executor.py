@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from influence_bench.spec.settings import Setting
 from influence_bench.groundtruth import lds
 from influence_bench.groundtruth.store import GroundTruthStore
+from influence_bench.spec.settings import Setting
 
 
 class RayUnavailable(RuntimeError):

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from influence_bench.api.context import Context
-from influence_bench.paths import write_json, write_npz
 from influence_bench.groundtruth import engine
-from influence_bench.groundtruth.build import ChunkHook, build, ceiling_method, compute, replicate_keys
+from influence_bench.groundtruth.builder import ChunkHook, build, ceiling_method, compute, replicate_keys
 from influence_bench.groundtruth.entries import Entries
 from influence_bench.groundtruth.store import CorruptGroundTruth, GroundTruthStore, key_dir
+from influence_bench.paths import write_json, write_npz
 
 SHARD = "shard-shipped.npz"
 
@@ -66,8 +66,8 @@ def export(ctx: Context, ids: np.ndarray, cache: GroundTruthStore, out: Path, ch
 def export_model(ctx: Context, out: Path, info: dict | None = None) -> Path:
     """Ship theta* of ``ctx`` (with its training checkpoints and, when given, its ``setting_info``
     record, which the caller computes) into ``out``."""
-    from influence_bench.training import shipped as shipped_models
     from influence_bench.training import fit as training
+    from influence_bench.training import shipped as shipped_models
 
     path = training.export_model(ctx.setting, ctx.data, ctx.fm, ctx.theta, ctx.train_grad_norm, ctx.train_steps,
                                  out)
@@ -210,9 +210,9 @@ def training_drift(ctx: Context) -> str:
     report: stochastic recipes are chaotic, so theta* differs between machines in its last bits
     and more; scores use the shipped theta*."""
     from influence_bench import tally
-    from influence_bench.training import fit as training
     from influence_bench.api.loading import select_test_points
     from influence_bench.models.flat import FlatModel
+    from influence_bench.training import fit as training
 
     s = ctx.setting
     fm = FlatModel(training.initial_module(s, ctx.data, ctx.dtype, ctx.device))

@@ -36,7 +36,6 @@ from influence_bench.hashing import hash_json, sha256_array  # noqa: F401  (re-e
 from influence_bench.paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
 
-
 class CorruptGroundTruth(RuntimeError):
     pass
 

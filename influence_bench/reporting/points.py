@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from influence_bench.reporting.schema import Case, Run, setting_info
-
+from influence_bench.reporting.schema import Case, Run, setting_shape
 
 FIDELITY = ("spearman", "pearson")
 
@@ -47,7 +46,7 @@ def shape_of(case: Case) -> dict | None:
         return None
     if s.version != case.setting_version:  # (a changed hash changes numbers, not the shape of an id)
         return None
-    return setting_info(s)
+    return setting_shape(s)
 
 
 def merge_cases(runs: list[Run]) -> list[Case]:

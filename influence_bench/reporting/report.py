@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from influence_bench.reporting.points import FIDELITY, Point, merge_cases, shape_of, sort_key  # noqa: F401
 from influence_bench.reporting.schema import Run
-from influence_bench.reporting.points import FIDELITY, Point, shape_of, merge_cases, sort_key  # noqa: F401
+
 
 def _fmt(v, spec=".3f") -> str:
     return "n/a" if v is None else format(v, spec)

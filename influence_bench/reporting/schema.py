@@ -100,7 +100,7 @@ class Run:
                 "cases": [c.to_json() for c in self.cases]}
 
 
-def setting_info(setting: Any) -> dict:
+def setting_shape(setting: Any) -> dict:
     """The shape of a ``Setting``, stored with each case so that reports need not know the catalog."""
     return {"dataset": setting.data.name, "family": setting.model.family, "depth": setting.model.depth,
             "width": setting.model.width, "weight_decay": setting.weight_decay, "tier": setting.tier,

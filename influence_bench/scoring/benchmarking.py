@@ -19,7 +19,6 @@ The plugin adds torch/CUDA versions and device names to the benchmark JSON's ``m
 
 from __future__ import annotations
 
-
 import torch
 
 from influence_bench.api.estimator import check_output

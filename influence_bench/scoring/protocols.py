@@ -10,7 +10,6 @@ import numpy as np
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import GroundTruthStore, build, lds
 
-
 # Run by default. "lds" is available on request (``protocols=`` / ``--protocol``): on Iris logistic
 # regression its 100 subset retrainings take 0.3 s, but on the Iris MLPs 30-45 s each, and warm
 # Newton from theta* does not reach grad_tol there within 40 steps (see groundtruth/lds.py).

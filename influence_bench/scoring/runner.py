@@ -10,16 +10,19 @@ import torch
 
 from influence_bench import metrics
 from influence_bench.api.context import Context
-from influence_bench.api.loading import get_context
-from influence_bench.scoring.measure import Measurement, measure
 from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
-from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.api.loading import get_context
 from influence_bench.api.registry import REGISTRY
-from influence_bench.reporting.schema import Case  # noqa: F401  (Case: the result record, re-exported here)
-from influence_bench.reporting.schema import setting_info as setting_shape
+from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.reporting.schema import (
+    Case,  # noqa: F401  (Case: the result record, re-exported here)
+    setting_shape,
+)
+from influence_bench.scoring.measure import Measurement, measure
+from influence_bench.scoring.protocols import KNOWN_PROTOCOLS, PROTOCOLS, compare, fixed_removals, topk_removals  # noqa: F401
 from influence_bench.scoring.setting_info import setting_info
 from influence_bench.spec.settings import Setting
-from influence_bench.scoring.protocols import PROTOCOLS, KNOWN_PROTOCOLS, fixed_removals, topk_removals, compare  # noqa: F401
+
 
 def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:
     """Call the estimator, validate its output; returns (influence [n_test, n_train], time and memory)."""

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-from influence_bench.training import shipped as shipped_models
 from influence_bench.api.context import Context
 from influence_bench.groundtruth.engine import EXPLICIT_HESSIAN_MAX, preconditioner
 from influence_bench.paths import write_json
+from influence_bench.training import shipped as shipped_models
 from influence_bench.training.fit import model_cache_path
 
 # Up to DENSE_EIG_MAX parameters all eigenvalues come from the explicit Hessian (eigvalsh,

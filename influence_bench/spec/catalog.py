@@ -39,7 +39,7 @@ IRIS_WIDTHS = (8, 16, 32, 50)
 IRIS_WEIGHT_DECAYS = (1e-3, 0.0, 1e-2)
 # Width 50 is `standard`: 54 s training + 94 s ground truth on the shared 2 cores, alone more than
 # the whole depth sweep, and it stops at ||grad|| 4e-6 with two negative Hessian eigenvalues.
-# Weight decay on/off is in smoke at depth 4 only (0 and 1e-3; 1e-2 is `standard`, as issue 4 asks): without decay the nets saturate
+# Weight decay on/off is in smoke at depth 4 only (0 and 1e-3; 1e-2 is `standard`): without decay the nets saturate
 # and most test points have exactly zero loss change, so their correlations are undefined (d1 and
 # d2 at wd 0 are scored on 1 of 10 test points, d4 on 9); d1/d2 without decay are `standard`.
 IRIS_SMOKE = {(d, 16, 1e-3) for d in IRIS_DEPTHS} | {(2, w, 1e-3) for w in (8, 32)} \

@@ -17,7 +17,15 @@ class-stratified subset of 10 training images per class, labelled ``imagenet10k`
 
 from __future__ import annotations
 
-from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, ProtocolSpec, Setting, TrainSpec, make_id
+from influence_bench.spec.settings import (
+    DataSpec,
+    GroundTruthSpec,
+    ModelSpec,
+    ProtocolSpec,
+    Setting,
+    TrainSpec,
+    make_id,
+)
 
 MNIST_FULL = DataSpec("mnist", n_train=60_000, n_test=10_000, layout="image")
 # 10 % of MNIST's training images (Koh & Liang 2017's non-convex experiment), test points drawn from

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
-from influence_bench.curvature import products as curvature
 from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.curvature import products as curvature
 from influence_bench.models.flat import FlatModel
 
 

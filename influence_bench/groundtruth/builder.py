@@ -14,11 +14,10 @@ import numpy as np
 
 from influence_bench import tally
 from influence_bench.api.context import Context
-from influence_bench.groundtruth import engine
-from influence_bench.groundtruth import lds
+from influence_bench.groundtruth import engine, lds
+from influence_bench.groundtruth.compute import combine, compute  # noqa: F401
+from influence_bench.groundtruth.keys import KINDS, ceiling_method, data_fingerprint, replicate_keys, store_key  # noqa: F401
 from influence_bench.groundtruth.store import Entries, GroundTruthStore
-from influence_bench.groundtruth.keys import KINDS, data_fingerprint, store_key, replicate_keys, ceiling_method  # noqa: F401
-from influence_bench.groundtruth.compute import compute, combine  # noqa: F401
 
 ChunkHook = Callable[[np.ndarray], None]  # called with the ids of every chunk once it is saved
 
