@@ -87,3 +87,14 @@ def test_non_estimator_and_nameless_classes_are_rejected():
 def test_bad_hyperparameters_are_reported():
     with pytest.raises(RegistryError, match=r"estimator 'exact': bad hyperparameters \{'dampng': 1\}"):
         REGISTRY.create("exact", dampng=1)
+
+
+def test_a_builtin_has_one_identity():
+    """Loaded by path or imported as a package module, a built-in estimator is one class object."""
+    import importlib
+
+    from influence_bench import REGISTRY
+
+    cls = REGISTRY.get("exact")
+    assert cls.__module__ == "influence_bench.estimators.exact"
+    assert importlib.import_module("influence_bench.estimators.exact").Exact is cls

@@ -57,7 +57,14 @@ class Registry:
         if path in self._loaded_files:
             return
         self._loaded_files.add(path)
-        modname = f"influence_bench_plugins.{path.parent.name}.{path.stem}".replace("-", "_")
+        modname = _module_name(path)
+        existing = sys.modules.get(modname)
+        if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == path:
+            for obj in vars(existing).values():  # imported already (e.g. as influence_bench.estimators.X)
+                if isinstance(obj, type) and issubclass(obj, Estimator) and obj.name and obj.__module__ == modname \
+                        and self._classes.get(obj.name) is not obj:
+                    self.add(obj)
+            return
         spec = importlib.util.spec_from_file_location(modname, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -115,6 +122,14 @@ class Registry:
             return cls(**hyperparameters)
         except TypeError as exc:
             raise RegistryError(f"estimator {name!r}: bad hyperparameters {hyperparameters}: {exc}") from exc
+
+
+def _module_name(path: Path) -> str:
+    """One identity per file: a built-in is ``influence_bench.estimators.<stem>`` (the name an
+    installed wheel gives it too), a plug-in file ``influence_bench_plugins.<folder>.<stem>``."""
+    if path.parent == builtin_dir().resolve():
+        return f"influence_bench.estimators.{path.stem}"
+    return f"influence_bench_plugins.{path.parent.name}.{path.stem}".replace("-", "_")
 
 
 def builtin_dir() -> Path:
