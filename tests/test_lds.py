@@ -6,6 +6,7 @@ from helpers import scipy_logreg_test_losses
 
 from influence_bench.api.loading import get_context
 from influence_bench.groundtruth import GroundTruthStore, lds, lds_ground_truth, store_key
+from influence_bench.groundtruth.compute import compute_lds
 from influence_bench.scoring.runner import evaluate
 from influence_bench.spec import catalog
 
@@ -40,7 +41,7 @@ def test_subset_ground_truth_equals_independent_scipy_retraining(ctx):
     masks = lds.subset_masks(n, spec)
     losses = scipy_logreg_test_losses(ctx, np.stack([np.ones(n), masks[1], masks[3]]).astype(float))
     want = losses[1:] - losses[0]
-    got = lds.compute(ctx, np.array([1, 3]), spec)
+    got = compute_lds(ctx, np.array([1, 3]), spec)
     assert got.grad_norm.max() < 1e-10
     np.testing.assert_allclose(got.delta, want, atol=1e-7, rtol=1e-5)
 

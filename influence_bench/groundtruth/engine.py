@@ -36,21 +36,11 @@ from influence_bench.groundtruth.entries import Entries
 from influence_bench.groundtruth.recipes import ENGINE_VERSION, MINIBATCH_VERSION, Recipe, minibatch_recipe, recipe_for  # noqa: F401
 from influence_bench.training.newton import NewtonResult
 
-# Deterministic recipes (Newton-CG: no data order, no sampling) have identical replicates, so their
-# noise ceiling is 1 by declaration (a test checks two builds are bit-identical). Stochastic
-# (minibatch) recipes get theirs from replicates (``compute.combine``).
-NOISE_CEILING = 1.0
-CEILING_METHOD = "deterministic"
-
 
 def stochastic(ctx: Context) -> bool:
     """Does retraining depend on a seed (so replicates differ)? Warm minibatch retraining, and
     scratch retraining of a minibatch-trained setting."""
     return recipe_for(ctx).stochastic
-
-
-def n_replicates(ctx: Context) -> int:
-    return ctx.setting.ground_truth.replicates if stochastic(ctx) else 1
 
 
 def check_recipe(ctx: Context) -> None:

@@ -4,7 +4,8 @@ data, theta*, engine version, replicate), and how a setting's replicates are key
 from __future__ import annotations
 
 from influence_bench.api.context import Context
-from influence_bench.groundtruth import engine, lds
+from influence_bench.groundtruth import lds
+from influence_bench.groundtruth.recipes import CEILING_METHOD, MINIBATCH_VERSION, n_replicates, recipe_for
 from influence_bench.groundtruth.store import StoreKey
 from influence_bench.models.init_weights import init_weights_sha256
 from influence_bench.spec.settings import part_dict
@@ -27,12 +28,12 @@ def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAU
     if kind == "lds":
         config["lds"] = lds_spec.config()
     payload = {"spec_hash": s.spec_hash, "setting_version": s.version, "ground_truth": config,
-               "data": data_fingerprint(ctx), "theta": ctx.theta_sha256, "engine": engine.recipe_for(ctx).version}
+               "data": data_fingerprint(ctx), "theta": ctx.theta_sha256, "engine": recipe_for(ctx).version}
     init = init_weights_sha256(s)
     if init is not None:  # theta* started from the user's weights
         payload["init_weights"] = init
-    if engine.stochastic(ctx):
-        payload["minibatch_engine"] = engine.MINIBATCH_VERSION
+    if recipe_for(ctx).stochastic:
+        payload["minibatch_engine"] = MINIBATCH_VERSION
         payload["replicate"] = int(replicate)
     elif replicate:
         raise ValueError(f"setting {s.id!r}: its ground truth is deterministic and has no replicate {replicate}")
@@ -40,11 +41,11 @@ def store_key(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAU
 
 
 def replicate_keys(ctx: Context, kind: str = "loo", lds_spec: lds.LdsSpec = lds.DEFAULT) -> list[StoreKey]:
-    return [store_key(ctx, kind, lds_spec, r) for r in range(engine.n_replicates(ctx))]
+    return [store_key(ctx, kind, lds_spec, r) for r in range(n_replicates(ctx))]
 
 
 def ceiling_method(ctx: Context) -> str:
-    n = engine.n_replicates(ctx)
-    if not engine.stochastic(ctx):
-        return engine.CEILING_METHOD
+    n = n_replicates(ctx)
+    if not recipe_for(ctx).stochastic:
+        return CEILING_METHOD
     return f"split-half Spearman-Brown over {n} replicates" if n > 1 else "unknown (one replicate)"

@@ -16,11 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-
-from influence_bench.api.context import Context
-from influence_bench.groundtruth import engine
-from influence_bench.groundtruth.store import Entries
 
 
 @dataclass(frozen=True)
@@ -56,18 +51,3 @@ def predicted_change(influence: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return influence @ (~masks).T.astype(influence.dtype)
 
 
-def compute(ctx: Context, ids: np.ndarray, spec: LdsSpec = DEFAULT, chunk: int = 128, replicate: int = 0) -> Entries:
-    """Ground truth for subsets ``ids`` (row k: subset ``ids[k]``), with the control run (one replicate
-    of a stochastic recipe)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    masks = subset_masks(ctx.n_train, spec)[ids]
-    weights = torch.as_tensor(np.vstack([np.ones((1, ctx.n_train)), masks.astype(np.float64)]),
-                              dtype=ctx.dtype, device=ctx.device)
-    engine.check_recipe(ctx)
-    parts = engine.chunked(len(weights), chunk, lambda s, stop: engine.retrain_weights(
-        ctx, weights[s:stop], spec.max_steps, replicate=replicate), f"LDS ground truth of {ctx.setting.id!r}")
-    res = engine.cat(parts)
-    losses = engine.test_losses(ctx, res.theta)
-    delta = (losses[1:] - losses[0]).cpu().numpy()
-    return Entries(ids, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy(),
-                   noise_ceiling=engine.NOISE_CEILING)

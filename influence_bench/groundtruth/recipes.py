@@ -31,6 +31,11 @@ from influence_bench.training.newton import NewtonResult, newton_cg_batched, new
 # Bump whenever a change to the retraining can change stored numbers: it is part of the store key.
 ENGINE_VERSION = "warm-newton-cg/2"
 MINIBATCH_VERSION = "minibatch/1"  # also part of the store key of minibatch recipes
+# Deterministic recipes (Newton-CG: no data order, no sampling) have identical replicates, so their
+# noise ceiling is 1 by declaration (a test checks two builds are bit-identical). Stochastic
+# (minibatch) recipes get theirs from replicates (``compute.combine``).
+NOISE_CEILING = 1.0
+CEILING_METHOD = "deterministic"
 
 
 def minibatch_recipe(ctx: Context) -> tuple[minibatch.Recipe, torch.Tensor, int]:
@@ -150,3 +155,8 @@ def recipe_for(ctx: Context) -> Recipe:
     except KeyError:
         raise ValueError(f"setting {s.id!r}: no ground-truth recipe for mode {gt.mode!r} with {kind} retraining; "
                          f"known: {', '.join(f'{m}/{k}' for m, k in TABLE)}") from None
+
+
+def n_replicates(ctx: Context) -> int:
+    """Replicates of the ground truth: the spec's for a stochastic recipe, 1 for a deterministic one."""
+    return ctx.setting.ground_truth.replicates if recipe_for(ctx).stochastic else 1

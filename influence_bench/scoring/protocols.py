@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from influence_bench.api.context import Context
-from influence_bench.groundtruth import GroundTruthStore, build, lds
+from influence_bench.groundtruth import lds
+from influence_bench.groundtruth.builder import build
+from influence_bench.groundtruth.store import GroundTruthStore
 
 # Run by default. "lds" is available on request (``protocols=`` / ``--protocol``): on Iris logistic
 # regression its 100 subset retrainings take 0.3 s, but on the Iris MLPs 30-45 s each, and warm

@@ -13,7 +13,7 @@ from influence_bench.api.context import Context
 from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from influence_bench.api.loading import get_context
 from influence_bench.api.registry import REGISTRY
-from influence_bench.groundtruth import GroundTruthStore
+from influence_bench.groundtruth.store import GroundTruthStore
 from influence_bench.reporting.schema import (
     Case,  # noqa: F401  (Case: the result record, re-exported here)
     setting_shape,
