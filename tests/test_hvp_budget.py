@@ -2,9 +2,12 @@
 their products would exceed max_seconds on this machine, and the curvature record falls back to the
 top eigenvalues only."""
 
+import dataclasses
+
 import pytest
 from helpers import blobs, minibatch_setting
 
+from influence_bench.api.context import HVP_COST_MODEL
 from influence_bench.api.estimator import EstimatorUnsupported
 from influence_bench.api.loading import build_context
 from influence_bench.api.registry import REGISTRY
@@ -17,9 +20,30 @@ def ctx():
                          blobs(96, 24), use_cache=False)
 
 
-def test_hvp_time_is_measured_once(ctx):
+def test_hvp_cost_is_modelled_once_from_counted_flops(ctx):
     t = ctx.hvp_seconds()
-    assert 0 < t < 5 and ctx.hvp_seconds() == t
+    overhead, rate = HVP_COST_MODEL["cpu"]
+    assert t == overhead + ctx.hvp_flops() / rate and ctx.hvp_seconds() == t
+    assert ctx.hvp_flops() > 0
+
+
+def test_hvp_cost_does_not_depend_on_the_machines_load(ctx, monkeypatch):
+    """A product that takes a second (a loaded machine) is modelled like an instant one: the set of
+    cases that run depends on the code, the setting and the device class only."""
+    import time
+
+    from influence_bench.curvature import products
+
+    real = products.hvp
+
+    def slow(*a, **k):
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    fresh = dataclasses.replace(ctx, _cache={})  # nothing counted or modelled yet
+    want = ctx.hvp_seconds()
+    monkeypatch.setattr(products, "hvp", slow)
+    assert fresh.hvp_seconds() == want
 
 
 @pytest.mark.parametrize("name", ["exact", "cg", "arnoldi", "lissa"])

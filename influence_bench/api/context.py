@@ -6,7 +6,7 @@ reached only through ``ctx.cached(key, make)`` with a declared key (``declare_ca
 built-in keys are declared below). A key's scope says how long a value lives:
 
 * ``"setting"``: a fact of theta* and the data (their hashes, the evaluated test points, the
-  measured Hessian-vector-product time, ground truth's preconditioner): kept for the context's life;
+  modelled Hessian-vector-product cost, ground truth's preconditioner): kept for the context's life;
 * ``"estimator"``: a quantity an estimator computes (gradients, Hessian, GGN, K-FAC factors): the
   harness gives every fidelity case ``ctx.fresh()``, a context without them, so each case pays for
   what it uses (its wall time does not depend on which estimator ran before) and an estimator that
@@ -59,7 +59,8 @@ for _name, _meaning, _scope in [
     ("data-sha256", "sha256 of the train and test arrays", "setting"),
     ("x_test", "the evaluated test inputs", "setting"),
     ("y_test", "the evaluated test targets", "setting"),
-    ("hvp_seconds", "measured time of one Hessian-vector product (cost budgets)", "setting"),
+    ("hvp_flops", "counted FLOPs of one Hessian-vector product over the training set", "setting"),
+    ("hvp_seconds", "modelled time of one Hessian-vector product (cost budgets)", "setting"),
     ("setting_info", "the curvature and test-point record of the setting", "setting"),
     ("gt-initial-theta", "the setting's seeded initialisation (scratch ground truth)", "setting"),
     ("gt-precond", "ground truth's factorised H* + damping, keyed by damping", "setting"),
@@ -75,6 +76,13 @@ for _name, _meaning, _scope in [
     ("kfac:ekfac-factors", "EK-FAC eigenvalue corrections", "estimator"),
 ]:
     declare_cache_key(_name, _meaning, _scope)
+
+
+# (seconds of overhead per product, FLOP/s) by device type. CPU: measured on the 2 cores of these
+# machines, idle, one product over the training set: 1.9 s for the MNIST CNN (1.33e10 FLOP, 6.9
+# GFLOP/s), 1.3 s for the 2k CIFAR-10 CNN (9.6 GFLOP/s), 5 ms for the Iris MLPs (overhead-bound);
+# 5 GFLOP/s keeps the model at or above those. CUDA: a conservative 1 TFLOP/s for these small layers.
+HVP_COST_MODEL = {"cpu": (5e-3, 5e9), "cuda": (2e-3, 1e12)}
 
 
 def _key_name(key: Hashable) -> str:
@@ -171,20 +179,32 @@ class Context:
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         return curvature.hvp(self.fm, self.theta, self.x_train, self.y_train, self.weight_decay, v)
 
-    def hvp_seconds(self) -> float:
-        """Measured wall time of one Hessian-vector product over the whole training set at theta*
-        (once per context): what cost-bounded estimators and diagnostics budget with. Near zero for
-        Iris and linear models; seconds for a CNN on thousands of images on CPU."""
+    def hvp_flops(self) -> float:
+        """Floating-point operations of one Hessian-vector product over the training set at theta*,
+        counted (``torch.utils.flop_counter``: matrix products and convolutions) on a product over
+        the first 16 training points and scaled to all of them. Deterministic: the code and the
+        setting decide it, not the machine."""
         def make() -> float:
-            import time
+            from torch.utils.flop_counter import FlopCounterMode
 
-            v = torch.ones_like(self.theta)
-            self.hvp(v)  # warm-up (allocations, kernel selection)
-            t0 = time.perf_counter()
-            self.hvp(v)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return time.perf_counter() - t0
+            m = min(16, self.n_train)
+            with FlopCounterMode(display=False) as counter:
+                curvature.hvp(self.fm, self.theta, self.x_train[:m], self.y_train[:m], self.weight_decay,
+                              torch.ones_like(self.theta))
+            return float(counter.get_total_flops()) * self.n_train / m
+
+        return self.cached("hvp_flops", make)
+
+    def hvp_seconds(self) -> float:
+        """Modelled time of one Hessian-vector product over the whole training set on this device
+        class: a fixed overhead plus ``hvp_flops()`` at a fixed rate (``HVP_COST_MODEL``). What
+        cost-bounded estimators and diagnostics budget with. A model, not a timing: whether a case
+        runs depends on the code, the setting and the device class, never on how loaded the
+        machine is (a timing of the Iris MLP's product ranged from 0.005 s idle to 0.28 s with two
+        jobs on the 2 cores, enough to refuse ``cg`` there)."""
+        def make() -> float:
+            overhead, rate = HVP_COST_MODEL.get(self.device.type, HVP_COST_MODEL["cpu"])
+            return overhead + self.hvp_flops() / rate
 
         return self.cached("hvp_seconds", make)
 
@@ -197,7 +217,7 @@ class Context:
         if est > max_seconds:
             raise EstimatorUnsupported(
                 f"{who} on {self.setting.id!r}: {what} needs ~{n_hvps:.0f} Hessian-vector products over "
-                f"{self.n_train} training points, ~{est / 60:.0f} min at the {self.hvp_seconds():.2f} s measured "
+                f"{self.n_train} training points, ~{est / 60:.0f} min at the {self.hvp_seconds():.2f} s modelled "
                 f"for one on {self.device} > max_seconds={max_seconds:g}. Run it on a GPU (--device cuda) or "
                 "raise max_seconds.")
 
@@ -244,7 +264,7 @@ class Context:
         return dataclasses.replace(self, _cache=keep)
 
     def with_cached(self, key: Hashable, value: Any) -> "Context":
-        """A copy whose cache holds ``value`` under ``key`` (tests and benchmarks: e.g. a measured time)."""
+        """A copy whose cache holds ``value`` under ``key`` (tests and checks: e.g. a product time)."""
         if _key_name(key) not in CACHE_KEYS:
             raise KeyError(f"context cache key {_key_name(key)!r} is not declared")
         return dataclasses.replace(self, _cache={**self._cache, key: value})

@@ -34,7 +34,14 @@ from influence_bench.groundtruth.common import (  # noqa: F401
 )
 from influence_bench.groundtruth.entries import Entries
 from influence_bench.groundtruth.recipes import (  # noqa: F401
-    CEILING_METHOD, ENGINE_VERSION, MINIBATCH_VERSION, NOISE_CEILING, Recipe, minibatch_recipe, n_replicates, recipe_for,
+    CEILING_METHOD,
+    ENGINE_VERSION,
+    MINIBATCH_VERSION,
+    NOISE_CEILING,
+    Recipe,
+    minibatch_recipe,
+    n_replicates,
+    recipe_for,
 )
 from influence_bench.training.newton import NewtonResult
 
