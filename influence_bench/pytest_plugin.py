@@ -59,6 +59,9 @@ class BenchSession:
         self.comparison = None
         self.gates, self.baseline = _gate_options(config)
         self._scoring = None
+        from influence_bench import tally
+
+        self.start = tally.snapshot()  # the session's work counts from its start, unit tests included
 
     @property
     def device(self) -> str:
@@ -69,7 +72,7 @@ class BenchSession:
         if self._scoring is None:
             from influence_bench.scoring.session import ScoringSession
 
-            self._scoring = ScoringSession(self.device, self.thresholds)
+            self._scoring = ScoringSession(self.device, self.thresholds, start=self.start)
         return self._scoring
 
     @property

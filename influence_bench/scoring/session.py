@@ -21,12 +21,12 @@ from influence_bench.training import shipped as shipped_models
 class ScoringSession:
     """Collects the cases, what they trained and computed, and shipped settings that retrained."""
 
-    def __init__(self, device: str = "cpu", thresholds: Thresholds | None = None):
+    def __init__(self, device: str = "cpu", thresholds: Thresholds | None = None, start=None):
         self.device = device
         self.thresholds = thresholds or Thresholds.load()
         self.cases: list[Case] = []
         self.work: Counter = Counter()  # what the evaluated cases trained and computed
-        self.start = tally.snapshot()  # the whole session's work is counted from here
+        self.start = tally.snapshot() if start is None else start  # the whole session's work counts from here
         self.shipped_violations: list[str] = []
         self.run_path: Path | None = None
 
