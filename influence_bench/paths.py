@@ -29,6 +29,14 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
+def portable(source: str) -> str:
+    """``source`` with this machine's data root written as ``$INFLUENCE_BENCH_DATA``: what goes
+    into records that are committed or compared across machines (run files, the baseline, shipped
+    models) names the file, not where one machine keeps it."""
+    root = str(data_dir())
+    return source.replace(root.rstrip("/") + "/", "$INFLUENCE_BENCH_DATA/").replace(root, "$INFLUENCE_BENCH_DATA")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success.

@@ -219,3 +219,15 @@ def test_suite_fails_when_a_shipped_setting_retrains_and_says_zero_when_it_does_
     assert good.returncode == 0, good.stdout[-3000:]
     assert "fidelity cases trained 0 models and computed 0 ground-truth entries" in good.stdout
     assert shipped_models.path_for(setting, root).is_file()
+
+
+def test_committed_records_name_no_machine_path(monkeypatch, tmp_path):
+    """Records that are committed or compared across machines write the data root as a variable."""
+    from influence_bench.paths import portable
+
+    monkeypatch.setenv("INFLUENCE_BENCH_DATA", str(tmp_path / "data"))
+    assert portable(str(tmp_path / "data" / "mnist.npz")) == "$INFLUENCE_BENCH_DATA/mnist.npz"
+    assert portable(f"torchvision:{tmp_path / 'data'}") == "torchvision:$INFLUENCE_BENCH_DATA"
+    root = paths.repo_root()
+    for p in [root / "results" / "baseline.json", *(root / "results" / "ground-truth").rglob("model-*.json")]:
+        assert '"data_source": "/' not in p.read_text(), p  # an absolute path of the exporting machine

@@ -15,7 +15,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from influence_bench.api.context import Context
 from influence_bench.groundtruth.engine import EXPLICIT_HESSIAN_MAX, preconditioner
-from influence_bench.paths import write_json
+from influence_bench.paths import portable, write_json
 from influence_bench.training import shipped as shipped_models
 from influence_bench.training.fit import model_cache_path
 
@@ -129,7 +129,7 @@ def setting_info(ctx: Context, use_cache: bool = True) -> dict:
             "test_points": {"highest_loss": int(ctx.test_idx[0]),
                             "median_loss": int(ctx.test_idx[1]) if ctx.n_test > 1 else None,
                             "random": [int(i) for i in ctx.test_idx[2:]]},
-            "data_source": ctx.data.source,
+            "data_source": portable(ctx.data.source),
         }
         if use_cache:
             write_json(path, info)

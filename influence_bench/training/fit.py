@@ -24,7 +24,7 @@ from influence_bench.curvature import products as curvature
 from influence_bench.data.datasets import Dataset
 from influence_bench.models.flat import FlatModel, build_model
 from influence_bench.models.init_weights import init_weights_sha256, load_init_weights, tagged_cache_path
-from influence_bench.paths import cache_dir, read_npz, write_json, write_npz
+from influence_bench.paths import cache_dir, portable, read_npz, write_json, write_npz
 from influence_bench.spec.settings import Setting
 from influence_bench.training import minibatch
 from influence_bench.training import shipped as shipped_models
@@ -252,7 +252,7 @@ def export_model(setting: Setting, data: Dataset, fm: FlatModel, theta: torch.Te
     """Write theta* and its checkpoints into the shipped root (``shipped_models.write``)."""
     ckpt = checkpoints(setting, data, fm, theta)
     meta = {"grad_norm": float(grad_norm), "steps": int(steps), "checkpoints": _ckpt_meta(ckpt),
-            "data_sha256": data.fingerprint(), "data_source": data.source, "dtype": setting.train.dtype}
+            "data_sha256": data.fingerprint(), "data_source": portable(data.source), "dtype": setting.train.dtype}
     return shipped_models.write(setting, root, {"theta": theta.detach().cpu().numpy(), **ckpt.to_arrays()}, meta)
 
 
