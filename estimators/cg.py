@@ -46,7 +46,7 @@ CURVATURES = ("hessian", "ggn")
 @dataclass
 class ConjugateGradient(Estimator):
     name = "cg"
-    tags = frozenset({"hvp"})
+    tags = frozenset({"hvp", "second-order"})
 
     curvature: str = "hessian"
     damping: float = 0.0

@@ -27,7 +27,7 @@ from influence_bench.curvature.products import solve_rows
 @dataclass
 class Exact(Estimator):
     name = "exact"
-    tags = frozenset({"hessian"})
+    tags = frozenset({"hessian", "second-order"})
 
     damping: float = 0.0
     max_params: int = 12_000  # the Hessian is max_params^2 floats (1.2 GB in float64 at 12k)

@@ -28,7 +28,7 @@ from influence_bench.curvature.products import solve_rows
 @dataclass
 class ExactGGN(Estimator):
     name = "exact-ggn"
-    tags = frozenset({"hessian", "ggn"})
+    tags = frozenset({"hessian", "ggn", "second-order"})
 
     damping: float = 0.0
     max_params: int = 12_000  # G is max_params^2 floats (1.2 GB in float64 at 12k)

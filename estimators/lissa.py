@@ -80,7 +80,7 @@ class _Diverged(Exception):
 @dataclass
 class LiSSA(Estimator):
     name = "lissa"
-    tags = frozenset({"hvp", "stochastic"})
+    tags = frozenset({"hvp", "stochastic", "second-order"})
 
     scale: float | str = "auto"
     damping: float = 0.0

@@ -109,6 +109,7 @@ def test_known_failure_floor_is_xfail_and_other_floors_still_gate(tmp_path):
 
     (tmp_path / "t.toml").write_text(
         '[[floor]]\nestimator = "exact"\nmetric = "pearson"\nmin = 0.999\nknown_failure = "documented"\n'
+        'known_min = 0.9\n'
         '[[floor]]\nestimator = "exact"\nmetric = "spearman"\nmin = 0.5\n')
     th = Thresholds.load(tmp_path / "t.toml")
     cases = evaluate("exact", IRIS, store=GroundTruthStore(tmp_path))

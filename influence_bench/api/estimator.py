@@ -27,7 +27,10 @@ class Estimator:
     """Base class. Subclass it as a dataclass, set ``name``, implement ``influence``."""
 
     name: ClassVar[str] = ""
-    #: capability tags, e.g. {"hessian"}, {"stochastic"}, {"gradient-only"}
+    #: capability tags, e.g. {"hessian"}, {"stochastic"}, {"gradient-only"}, and claims the floors
+    #: hold an estimator to whatever its name: ``"second-order"`` declares that it computes (or
+    #: converges to) the whole model's inverse-Hessian (or Gauss-Newton) influence function, so it
+    #: must reach the convex floors on logistic regression (``spec/thresholds.toml``)
     tags: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:  # dataclass subclasses generate their own

@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", default="results/baseline.json")
     up.set_defaults(func=_baseline)
 
+    from influence_bench.cli import verdicts as cli_verdicts
+
+    cli_verdicts.add_parsers(sub, bl_sub)
+
     rp = sub.add_parser("report", help="Markdown report with PNG figures from run files")
     rp.add_argument("runs", nargs="*", metavar="RUN.json", help="default: the newest run in --results-dir")
     rp.add_argument("--out", required=True, metavar="DIR")

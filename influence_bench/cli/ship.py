@@ -49,7 +49,10 @@ def _ship_to(args, out: Path) -> int:
     cache = GroundTruthStore(args.root, shipped=None) if args.root else GroundTruthStore(shipped=None)
     if out.resolve() == cache.root.resolve():
         raise ValueError(f"the shipped root {out} cannot be the cache root (compaction would remove its shards)")
-    estimators = args.estimator or builtin_estimators()
+    from influence_bench.scoring import mutants
+
+    # the mutants' removals too: `influence-bench mutants` and its suite retrain nothing either
+    estimators = args.estimator or builtin_estimators() + [mutants.create(n) for n in mutants.names()]
     failed = False
     for setting in _settings(args):
         if setting.ground_truth.mode not in ("warm", "scratch"):
@@ -87,7 +90,8 @@ def add_parser(gsub, common) -> None:
     s.add_argument("settings", nargs="*", metavar="SETTING", help="default: every setting of --tier")
     s.add_argument("--tier", default="smoke", help="settings of this tier when none are named (default smoke)")
     s.add_argument("--estimator", action="append", default=None, metavar="NAME",
-                   help="whose loo-topk removals to ship (repeatable; default: every built-in estimator)")
+                   help="whose loo-topk removals to ship (repeatable; default: every built-in estimator and "
+                        "every mutant of `influence-bench mutants`)")
     s.add_argument("--out", default=None,
                    help="shipped root (default: $INFLUENCE_BENCH_SHIPPED_GT or the checkout's results/ground-truth)")
     s.add_argument("--chunk", type=int, default=32, help="models per chunk")

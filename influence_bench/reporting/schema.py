@@ -70,6 +70,7 @@ class Case:
     extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started
     device: str = "unknown"
     hyperparameters: dict = field(default_factory=dict)
+    tags: list = field(default_factory=list)  # what the estimator declares (claims such as "second-order")
     setting_info: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     message: str = ""

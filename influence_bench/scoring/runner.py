@@ -45,21 +45,23 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
 
 
 def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
-                     store: GroundTruthStore | None = None, info: dict | None = None) -> list[Case]:
+                     store: GroundTruthStore | None = None, info: dict | None = None, fresh: bool = True) -> list[Case]:
     """``evaluate`` on a context built by the caller (e.g. ``loading.build_context`` on generated
     fixture data the setting's hash does not describe). ``info`` replaces the per-setting record of
-    ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given."""
+    ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given.
+    ``fresh=False`` hands the estimator ``ctx`` itself, gradients and curvature it holds included
+    (the mutants share exact's; a fidelity case always gets a fresh copy)."""
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
     setting = ctx.setting
     protocols = tuple(protocols) if protocols else setting.protocol.default
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()), setting_info=setting_shape(setting),
+                hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags), setting_info=setting_shape(setting),
                 device=str(ctx.device))
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one
-        influence, cost = run_estimator(est, ctx.fresh())
+        influence, cost = run_estimator(est, ctx.fresh() if fresh else ctx)
     except EstimatorUnsupported as exc:
         return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
                 for p in protocols for m in metrics.METRICS]
@@ -95,8 +97,9 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def removals(ctx, estimators: list[str], log=print) -> np.ndarray:
-    """loo-fixed plus every listed estimator's loo-topk removals; estimators that fail are skipped."""
+def removals(ctx, estimators: list, log=print) -> np.ndarray:
+    """loo-fixed plus every listed estimator's (a name or an ``Estimator``) loo-topk removals;
+    estimators that fail are skipped."""
     from influence_bench.api.registry import REGISTRY
     from influence_bench.errors import EstimatorError, EstimatorUnsupported
 
@@ -105,10 +108,11 @@ def removals(ctx, estimators: list[str], log=print) -> np.ndarray:
         return ids[0]
     for name in estimators:
         try:
-            influence, _ = run_estimator(REGISTRY.create(name), ctx)
+            influence, _ = run_estimator(REGISTRY.create(name) if isinstance(name, str) else name, ctx.fresh())
         except (EstimatorUnsupported, EstimatorError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            log(f"{ctx.setting.id}: skipping estimator {name!r} ({type(exc).__name__}: {first})")
+            who = name if isinstance(name, str) else name.name
+            log(f"{ctx.setting.id}: skipping estimator {who!r} ({type(exc).__name__}: {first})")
             continue
         ids.append(np.unique(topk_removals(influence, ctx.setting.protocol.topk)))
     return np.unique(np.concatenate(ids))

@@ -49,7 +49,7 @@ class ScoringSession:
     def judge(self, cases: list[Case] | None = None, known: list[str] | None = None
               ) -> tuple[dict, list[str]]:
         """(verdict per case key, failure lines) of ``cases`` (default: every case so far)."""
-        return judge(self.cases if cases is None else cases, self.thresholds, known)
+        return judge(self.cases if cases is None else cases, self.thresholds, known, tags_of=registered_tags)
 
     def table(self, reference: list[Case] = ()) -> str:
         """The fidelity table of the session's cases, with ``reference`` rows (e.g. a baseline's) judged too."""
@@ -71,6 +71,16 @@ class ScoringSession:
                 f"{tally.total(fid, tally.COMPUTED)} ground-truth entries (whole session, unit tests included: "
                 f"{tally.total(whole, tally.TRAINED)} models trained, {tally.total(whole, tally.COMPUTED)} entries "
                 f"computed, {tally.total(whole, tally.VERIFIED)} recomputed to verify)")
+
+
+def registered_tags(name: str) -> frozenset:
+    """The tags of a registered estimator (cases written before ``Case.tags`` existed); none if unknown."""
+    from influence_bench.api.registry import REGISTRY, RegistryError
+
+    try:
+        return REGISTRY.get(name).tags
+    except RegistryError:
+        return frozenset()
 
 
 def shipped_violation(estimator: str, setting: Setting, work: Counter) -> str | None:

@@ -1,65 +1,166 @@
-"""The thresholds table (``thresholds.toml``): floors per (estimator, setting, protocol, metric)
-and known failures turned into non-strict xfail."""
+"""The floors that turn a fidelity case into a verdict (data in ``thresholds.toml`` and
+``measured_floors.toml``, this module reads and applies them).
+
+A case is one estimator on one setting under one protocol. Three kinds of floor apply to it:
+
+* **the chance floor** (``[chance]``, every case): the lower bound of the 95% confidence interval
+  of the mean Spearman over test points must be >= 0, so a case passes only when it is
+  distinguishable from random scores, not when its mean happens to be positive;
+* **claim and setting floors** (``[[floor]]``): attached to settings (globs) and to what an
+  estimator *declares* (``claim``: one of its tags, e.g. ``second-order`` for an estimator that
+  claims the inverse-Hessian influence function), or to an estimator by name;
+* **measured floors** (``measured_floors.toml``, written by ``influence-bench baseline floors``):
+  every built-in estimator on every setting where it ran in the baseline, at its measured value
+  minus a stated margin.
+
+A floor with ``known_failure`` is a documented, open failure, and strict: the case is ``xfail``
+while it fails that floor but stays at or above the rule's own ``known_min`` (on the mean); it
+FAILs below ``known_min``, and it FAILs when it *passes* the floor ("known failure fixed: remove the
+rule"), so a fix cannot go unnoticed and a known failure can still regress.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
+
+STATS = ("mean", "ci_low")  # what a floor bounds: the mean over test points, or its CI's lower bound
+FILES = ("thresholds.toml", "measured_floors.toml")
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that cannot be used; the message names the file, the rule and the field."""
 
 
 @dataclass(frozen=True)
 class Floor:
-    estimator: str
-    settings: str
-    protocol: str
     metric: str
     min: float
+    estimator: str = "*"  # glob on the estimator's name
+    claim: str = "*"  # a tag the estimator must declare for the floor to apply ("*": any)
+    settings: str = "*"
+    protocol: str = "*"
+    stat: str = "mean"  # "mean" | "ci_low"
+    known_failure: str = ""  # non-empty: documented, open failure of this floor (strict xfail)
+    known_min: float | None = None  # a known failure still FAILs below this mean
+    measured: float | None = None  # the measurement the floor was set from (documentation)
+    note: str = ""
     source: str = "thresholds.toml"
-    known_failure: str = ""  # non-empty: a documented, open failure -> xfail with this reason
 
-    def matches(self, estimator: str, setting: str, protocol: str) -> bool:
+    def matches(self, estimator: str, tags, setting: str, protocol: str) -> bool:
         return (fnmatch.fnmatchcase(estimator, self.estimator) and fnmatch.fnmatchcase(setting, self.settings)
-                and fnmatch.fnmatchcase(protocol, self.protocol))
+                and fnmatch.fnmatchcase(protocol, self.protocol) and (self.claim == "*" or self.claim in tags))
+
+    def describe(self) -> str:
+        who = [f"claim {self.claim!r}"] if self.claim != "*" else []
+        who += [] if self.estimator == "*" else [f"estimator {self.estimator!r}"]
+        stat = "lower 95% CI bound of mean" if self.stat == "ci_low" else "mean"
+        return f"{stat} {self.metric} >= {self.min:g} ({', '.join(who + [self.source])})"
+
+
+_FIELDS = {f.name for f in fields(Floor)} - {"source"}
+
+
+def _floor(raw: dict, where: str) -> Floor:
+    unknown = set(raw) - _FIELDS
+    if unknown:
+        raise ThresholdsError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
+    for need in ("metric", "min"):
+        if need not in raw:
+            raise ThresholdsError(f"{where}: missing {need!r}")
+    try:
+        f = Floor(**{**raw, "min": float(raw["min"]), "source": where})
+    except (TypeError, ValueError) as exc:
+        raise ThresholdsError(f"{where}: {exc}") from None
+    if f.stat not in STATS:
+        raise ThresholdsError(f"{where}: stat must be one of {STATS}, got {f.stat!r}")
+    if not math.isfinite(f.min):
+        raise ThresholdsError(f"{where}: min must be a finite number, got {f.min}")
+    if f.known_failure and f.known_min is None:
+        raise ThresholdsError(f"{where}: a known failure needs known_min, the floor it must still hold "
+                              "(measured value minus a margin): without one it could never fail")
+    if f.known_min is not None and not f.known_failure:
+        raise ThresholdsError(f"{where}: known_min without known_failure")
+    return f
+
+
+def _read(path: Path | None, name: str) -> dict:
+    try:
+        text = Path(path).read_text() if path else resources.files("influence_bench.spec").joinpath(name).read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ThresholdsError(f"{path or name}: not valid TOML: {exc}") from None
 
 
 @dataclass(frozen=True)
 class Thresholds:
     floors: tuple[Floor, ...]
-    default: Floor
-    xfails: tuple[tuple[str, str, str], ...]  # (estimator glob, setting glob, reason)
+    chance: Floor
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Thresholds":
-        text = Path(path).read_text() if path else \
-            resources.files("influence_bench.spec").joinpath("thresholds.toml").read_text()
-        raw = tomllib.loads(text)
-        floors = tuple(Floor(f.get("estimator", "*"), f.get("settings", "*"), f.get("protocol", "*"),
-                             f["metric"], float(f["min"]), known_failure=f.get("known_failure", ""))
-                       for f in raw.get("floor", []))
-        d = raw.get("default", {"metric": "spearman", "min": 0.0})
-        default = Floor("*", "*", "*", d["metric"], float(d["min"]), source="default (better than chance)")
-        xf = tuple((x.get("estimator", "*"), x.get("settings", "*"), x["reason"]) for x in raw.get("xfail", []))
-        return cls(floors, default, xf)
+    def load(cls, path: Path | None = None, measured: Path | None | bool = None) -> Thresholds:
+        """The packaged tables, or ``path`` (plus ``measured``: a measured-floors file, ``False``
+        for none; by default the packaged one when ``path`` is not given, none otherwise)."""
+        raw = _read(path, FILES[0])
+        name = Path(path).name if path else FILES[0]
+        floors = [_floor(f, f"{name} floor #{k + 1}") for k, f in enumerate(raw.get("floor", []))]
+        if measured is None:
+            measured = path is None
+        if measured is not False:
+            mpath = None if measured is True else Path(measured)
+            mname = mpath.name if mpath else FILES[1]
+            floors += [_floor(f, f"{mname} floor #{k + 1}") for k, f in enumerate(_read(mpath, FILES[1]).get("floor", []))]
+        if "xfail" in raw:
+            raise ThresholdsError(f"{name}: [[xfail]] is gone; a known failure is a [[floor]] with known_failure "
+                                  "and known_min (strict: it fails when fixed and below known_min)")
+        c = {"metric": "spearman", "min": 0.0, "stat": "ci_low", **raw.get("chance", {})}
+        chance = _floor({k: v for k, v in c.items()}, f"{name} [chance]")
+        return cls(tuple(floors), chance)
 
-    def floors_for(self, estimator: str, setting: str, protocol: str) -> list[Floor]:
-        got = [f for f in self.floors if f.matches(estimator, setting, protocol)]
-        return got or [self.default]
+    def floors_for(self, estimator: str, setting: str, protocol: str, tags=()) -> list[Floor]:
+        """Every floor that applies: the chance floor and the matching rules, less those a matching
+        known failure covers (same metric and statistic, a floor at least as high): a known failure
+        of the chance floor or of a claim's floor replaces it for the cases it names."""
+        got = [self.chance] + [f for f in self.floors if f.matches(estimator, tags, setting, protocol)]
+        known = [f for f in got if f.known_failure]
 
-    def xfail_reason(self, estimator: str, setting: str) -> str | None:
-        for e, s, reason in self.xfails:
-            if fnmatch.fnmatchcase(estimator, e) and fnmatch.fnmatchcase(setting, s):
-                return reason
-        return None
+        def covered(f: Floor) -> bool:
+            return not f.known_failure and any(k.metric == f.metric and k.stat == f.stat and k.min >= f.min
+                                               for k in known)
+
+        return [f for f in got if not covered(f)]
 
 
-def judge(cases, thresholds: Thresholds, known: list[str] | None = None) -> tuple[dict, list[str]]:
-    """Verdict per (estimator, setting, protocol) and one self-explaining line per failed floor.
+def _stat(case, stat: str) -> float | None:
+    v = None if case is None else (case.value if stat == "mean" else case.ci_low)
+    return None if v is None or not math.isfinite(v) else float(v)
 
-    Failed floors that carry ``known_failure`` go to ``known`` (if given) instead, with the reason;
-    their verdict is ``xfail``.
+
+def _line(est: str, setting: str, proto: str, f: Floor, c) -> str:
+    mean, low = _stat(c, "mean"), _stat(c, "ci_low")
+    ci = "n/a" if c is None or low is None or c.ci_high is None else f"[{low:.3f}, {c.ci_high:.3f}]"
+    worst = "n/a" if c is None or c.min is None else f"{c.min:.3f}"
+    got = _stat(c, f.stat)
+    return (f"{est} on {setting} ({proto}): {f.stat.replace('_', ' ')} {f.metric} = "
+            f"{'n/a' if got is None else format(got, '.4f')} < floor {f.min:g} (mean "
+            f"{'n/a' if mean is None else format(mean, '.4f')}, 95% CI {ci}, min over test points {worst}, "
+            f"n_test {c.n_test if c else 0}; rule: {f.describe()})")
+
+
+def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of=None) -> tuple[dict, list[str]]:
+    """Verdict per (setting, estimator, protocol) and one self-explaining line per failed floor.
+
+    Verdicts: ``pass``, ``FAIL``, ``xfail`` (only known failures failed, each above its
+    ``known_min``), or the case's status (``skipped`` / ``error``). Known failures' lines go to
+    ``known`` (if given). An estimator's tags come from its cases (``Case.tags``), else from
+    ``tags_of(name)``.
     """
     verdicts: dict = {}
     failures: list[str] = []
@@ -67,30 +168,34 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None) -> tupl
     by_key: dict = {}
     for c in cases:
         by_key.setdefault((c.estimator, c.setting, c.protocol), {})[c.metric] = c
-    for key, ms in by_key.items():
-        est, setting, proto = key
+    for (est, setting, proto), ms in by_key.items():
         any_case = next(iter(ms.values()))
         if any_case.status != "ok":
             verdicts[(setting, est, proto)] = any_case.status
             continue
+        tags = getattr(any_case, "tags", None) or (tags_of(est) if tags_of else ())
         bad, expected = [], []
-        for f in thresholds.floors_for(est, setting, proto):
+        for f in thresholds.floors_for(est, setting, proto, tags):
             c = ms.get(f.metric)
-            value = None if c is None else c.value
-            if value is None or not value >= f.min:
-                ci = "n/a" if c is None or c.ci_low is None else f"[{c.ci_low:.3f}, {c.ci_high:.3f}]"
-                worst = "n/a" if c is None or c.min is None else f"{c.min:.3f}"
-                line = (f"{est} on {setting} ({proto}): mean {f.metric} = "
-                        f"{'n/a' if value is None else format(value, '.4f')} < threshold {f.min} "
-                        f"(95% CI {ci}, min over test points {worst}, n_test {c.n_test if c else 0}; "
-                        f"rule: {f.source})")
-                (expected if f.known_failure else bad).append(
-                    f"{line} -- known failure: {f.known_failure}" if f.known_failure else line)
-        xf = thresholds.xfail_reason(est, setting)
-        if bad:
-            verdicts[(setting, est, proto)] = "xfail" if xf else "FAIL"
-        else:
-            verdicts[(setting, est, proto)] = "xfail" if expected else ("XPASS" if xf else "pass")
+            got = _stat(c, f.stat)
+            held = got is not None and got >= f.min
+            if not f.known_failure:
+                if not held:
+                    bad.append(_line(est, setting, proto, f, c))
+                continue
+            mean = _stat(c, "mean")
+            if held:
+                bad.append(f"{est} on {setting} ({proto}): known failure fixed: remove the rule ({f.describe()}: "
+                           f"{f.stat.replace('_', ' ')} {f.metric} = {got:.4f} now holds; it was "
+                           f"{f.known_failure!r})")
+            elif mean is None or mean < f.known_min:
+                bad.append(f"{_line(est, setting, proto, f, c)} -- below the known failure's own floor: mean "
+                           f"{f.metric} {'n/a' if mean is None else format(mean, '.4f')} < known_min "
+                           f"{f.known_min:g} (known failure: {f.known_failure})")
+            else:
+                expected.append(f"{_line(est, setting, proto, f, c)} -- known failure: {f.known_failure} "
+                                f"(still >= known_min {f.known_min:g})")
+        verdicts[(setting, est, proto)] = "FAIL" if bad else ("xfail" if expected else "pass")
         failures += bad
         known += expected
     return verdicts, failures
