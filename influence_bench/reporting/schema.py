@@ -49,7 +49,8 @@ class Case:
     """One (estimator, setting, protocol, metric) result; ``status`` is ok | error | skipped.
 
     ``value`` is the mean over test points of ``metric`` (``None`` when undefined), ``ci_low`` /
-    ``ci_high`` its Student t 95% CI (``None`` with fewer than two defined test points), ``per_test`` the per-test-point values (order of ``test_idx``),
+    ``ci_high`` its Student t 95% CI (``None`` with fewer than two defined test points), ``per_test``
+    the per-test-point values (order of ``test_idx``),
     ``wall_time_s`` the estimator's time on the setting, ``peak_memory_mb`` the peak while it ran
     (RSS high-water mark on Linux CPUs, reset before the call; ``torch.cuda.max_memory_allocated``
     on GPU; see ``measure.py``), ``extra_memory_mb`` that peak minus what was in use at the start.

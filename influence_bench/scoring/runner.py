@@ -79,7 +79,8 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
-                              noise_ceiling=ceiling, noise_reliability=float(reliability), wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
+                              noise_ceiling=ceiling, noise_reliability=float(reliability),
+                              wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
                               diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
     return cases
