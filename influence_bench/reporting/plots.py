@@ -269,7 +269,8 @@ def curvature(points, path: Path):
         ax_e.plot(depths, [eig[d] for d in depths], marker="s", color="0.2", linestyle=styles[g % 4],
                   label=label or "top eigenvalue")
         ceil = [_ceiling([p for p in gp if p.shape["depth"] == d]) for d in depths]
-        ax_f.plot(depths, [math.nan if c is None else c for c in ceil], **CEILING, label="noise ceiling" if g == 0 else None)
+        ax_f.plot(depths, [math.nan if c is None else c for c in ceil], **CEILING,
+                  label="noise ceiling" if g == 0 else None)
     ax_f.set(xlabel="MLP depth", ylabel="mean spearman (95% CI)", title=f"Fidelity ({proto})")
     ax_e.set_yscale("log")
     ax_e.set(xlabel="MLP depth", ylabel="top Hessian eigenvalue (log)", title="Curvature at θ*")
