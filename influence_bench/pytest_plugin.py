@@ -46,7 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="timed rounds per estimator benchmark (after one warm-up round; default 3)")
     g.addoption("--gate", action="append", default=[], metavar="SPEC",
                 help="gate for --baseline, e.g. spearman:-0.05 (absolute drop) or time:+25%% (repeatable; "
-                     "default spearman:-0.05). A case regresses only if the baseline is outside the run's CI")
+                     "default spearman:-0.05). A case regresses only if its mean paired drop over the test points "
+                     "exceeds the tolerance and a one-sided paired t-test finds it significant (p < 0.05)")
 
 
 class BenchSession:
@@ -83,6 +84,7 @@ class BenchSession:
         try:
             cases, violation = self.scoring.evaluate(fc.estimator, fc.setting)
         except DataUnavailable as exc:
+            self.scoring.not_run(fc.estimator, fc.setting, f"data unavailable: {exc}")
             if self.config.getoption("--require-data"):
                 pytest.fail(f"{fc.id}: {exc}", pytrace=False)
             pytest.skip(f"{fc.id}: {exc}")
@@ -186,6 +188,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = [pytest.param(FidelityCase(n, s), id=f"{n}-{s.id}", marks=[pytest.mark.fidelity])
               for n in names for s in settings]
     metafunc.parametrize("fidelity_case", params)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The run file records the fidelity cases selected after ``-k``/``-m`` deselection, so the gate can
+    fail a baseline case that was selected but produced no result (not on an xdist worker, which
+    collects everything but runs a share)."""
+    bench = session.config.stash.get(_KEY, None)
+    if bench is None or hasattr(session.config, "workerinput"):
+        return
+    for item in session.items:
+        fc = getattr(item, "callspec", None) and item.callspec.params.get("fidelity_case")
+        if isinstance(fc, FidelityCase):
+            bench.scoring.select(fc.estimator, fc.setting)
 
 
 @pytest.hookimpl(optionalhook=True)

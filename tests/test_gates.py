@@ -4,10 +4,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from influence_bench.cli.main import main
-from influence_bench.reporting.gates import GateSpecError, compare_runs, format_comparison, parse_gate
+from influence_bench.reporting.gates import GateSpecError, compare_runs, format_comparison, one_sided_p, parse_gate
 from influence_bench.reporting.schema import Case, Run, load_run
 
 V1 = Path(__file__).parent / "data" / "run-v1-iris-smoke.json"
@@ -42,21 +47,96 @@ def test_parse_gate():
             parse_gate(bad)
 
 
-def test_drop_beyond_tolerance_with_baseline_outside_ci_regresses():
+def pcase(setting="iris-a", per=(), idx=None, **kw):
+    """A case with per-test values (None: undefined) at test indices ``idx`` (default 0..n-1)."""
+    per = [None if v is None else float(v) for v in per]
+    ok = [v for v in per if v is not None]
+    return case(setting, value=sum(ok) / len(ok) if ok else None, per_test=per,
+                test_idx=list(range(len(per))) if idx is None else list(idx), **kw)
+
+
+BASE = [0.62, 0.81, 0.45, 0.93, 0.70, 0.55, 0.88, 0.39, 0.76, 0.67]
+
+
+def test_drop_beyond_tolerance_without_per_test_values_regresses_on_the_tolerance_alone():
     res = compare_runs(run(case(value=0.70, ci=(0.66, 0.74))), run(case(value=0.80)), SPEARMAN)
     assert res.failed and [f.key for f in res.regressions] == [("est", "iris-a", "loo-fixed", "warm", "spearman")]
     assert "0.8000 -> 0.7000" in res.regressions[0].detail
+    assert "no per-test values: judged on the tolerance alone" in res.regressions[0].detail
+    # the run's CI no longer matters: the same drop inside a wide CI regresses too
+    assert compare_runs(run(case(value=0.70, ci=(0.55, 0.85))), run(case(value=0.80)), SPEARMAN).failed
 
 
-def test_noise_aware_big_drop_inside_run_ci_does_not_regress():
-    # drop of 0.10 > 0.05, but the run's own CI [0.55, 0.85] contains the baseline 0.80: noise
-    res = compare_runs(run(case(value=0.70, ci=(0.55, 0.85))), run(case(value=0.80)), SPEARMAN)
+def test_consistent_paired_drop_regresses_with_the_p_value_of_scipy_ttest_rel():
+    noise = [0.02, -0.01, 0.015, -0.02, 0.0, 0.01, -0.015, 0.005, 0.02, -0.025]  # sums to 0
+    now = [b - 0.08 + e for b, e in zip(BASE, noise)]
+    res = compare_runs(run(pcase(per=now)), run(pcase(per=BASE)), SPEARMAN)
+    assert res.failed and len(res.regressions) == 1
+    p = scipy.stats.ttest_rel(BASE, now, alternative="greater").pvalue
+    assert p < 1e-6 and f"p = {p:.3g}" in res.regressions[0].detail
+    assert "paired over 10 test points: mean change -0.0800" in res.regressions[0].detail
+    # the unpaired view would not have seen it: the run's own t-interval contains the baseline mean
+    lo, hi = scipy.stats.t.interval(0.95, 9, loc=sum(now) / 10, scale=scipy.stats.sem(now))
+    assert lo <= sum(BASE) / 10 <= hi
+
+
+def test_big_mean_drop_the_spread_explains_is_noise_not_a_regression():
+    swing = [0.5, -0.4, 0.45, -0.3, 0.4, -0.35, 0.3, -0.2, 0.25, -0.15]  # mean drop 0.05 + noise
+    now = [min(1.0, max(-1.0, b - s - 0.05)) for b, s in zip(BASE, swing)]
+    bv, rv = np.array(BASE), np.array(now)
+    assert (bv - rv).mean() > 0.05 and scipy.stats.ttest_rel(bv, rv, alternative="greater").pvalue > 0.05
+    res = compare_runs(run(pcase(per=now)), run(pcase(per=BASE)), SPEARMAN)
     assert not res.failed and res.unchanged == 1
+    # the mirror image: a big noisy gain is no improvement either
+    res = compare_runs(run(pcase(per=BASE)), run(pcase(per=now)), SPEARMAN)
+    assert not res.improvements and res.unchanged == 1
 
 
-def test_small_drop_outside_ci_is_within_tolerance():
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float64, st.integers(2, 12), elements=st.floats(-1, 1, allow_nan=False)),
+       arrays(np.float64, 12, elements=st.floats(-1, 1, allow_nan=False)))
+def test_one_sided_p_is_scipy_ttest_rel_greater(x, y):
+    y = y[:x.size]
+    p = one_sided_p(x, y)
+    d = x - y
+    if np.ptp(d) == 0:  # zero variance: scipy says NaN; the gate decides by the sign of the difference
+        assert p == (0.0 if d[0] > 0 else 1.0)
+    else:
+        ref = scipy.stats.ttest_rel(x, y, alternative="greater").pvalue
+        if np.isfinite(ref):
+            assert p == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_pairs_are_aligned_by_test_idx_and_only_points_defined_in_both_count():
+    now = [b - 0.1 for b in BASE]
+    now[3] = None  # undefined in the run: left out
+    base = list(BASE)
+    base[7] = None  # undefined in the baseline: left out
+    # the run lists its test points in reverse order; by position the pairs would be noise
+    res = compare_runs(run(pcase(per=now[::-1], idx=range(9, -1, -1))), run(pcase(per=base)), SPEARMAN)
+    assert len(res.regressions) == 1
+    detail = res.regressions[0].detail
+    assert "paired over 8 test points: mean change -0.1000" in detail
+    # identical differences (zero variance: t is infinite or 0/0): a drop beyond the tolerance is significant
+    dyadic = [0.5, 0.75, 0.25, 0.875, 0.625]
+    lower = [v - 0.125 for v in dyadic]
+    assert one_sided_p(dyadic, lower) == 0.0 and one_sided_p(lower, dyadic) == 1.0
+    assert one_sided_p(dyadic, dyadic) == 1.0  # no difference at all is no drop
+    res = compare_runs(run(pcase(per=lower)), run(pcase(per=dyadic)), SPEARMAN)
+    assert res.failed and res.regressions[0].detail.endswith("p = 0)")
+    # identical differences within the tolerance: unchanged (zero variance is no regression by itself)
+    assert compare_runs(run(pcase(per=[b - 0.03 for b in BASE])), run(pcase(per=BASE)), SPEARMAN).unchanged == 1
+    # one test point in common: the paired test cannot run; tolerance alone, and the finding says so
+    res = compare_runs(run(pcase(per=[0.1, None])), run(pcase(per=[0.9, 0.9])), SPEARMAN)
+    assert res.failed and "1 test point(s) defined in both: judged on the tolerance alone" in res.regressions[0].detail
+
+
+def test_small_drop_is_within_tolerance():
     res = compare_runs(run(case(value=0.77, ci=(0.76, 0.78))), run(case(value=0.80)), SPEARMAN)
     assert not res.failed and res.unchanged == 1 and not res.improvements
+    res = compare_runs(run(pcase(per=[b - 0.03 for b in BASE])), run(pcase(per=BASE)), SPEARMAN)
+    assert not res.failed and res.unchanged == 1
 
 
 def test_relative_tolerance_and_missing_ci():
@@ -66,16 +146,17 @@ def test_relative_tolerance_and_missing_ci():
 
 
 def test_improvement_new_vanished_not_comparable_are_separate_and_never_fail():
-    baseline = run(case("s-up"), case("s-gone"), case("s-ver"), case("s-hash"), case("s-undef"), case("s-skip"))
+    baseline = run(case("s-up"), case("s-gone"), case("s-ver"), case("s-hash"), case("s-nan", value=float("nan")),
+                   case("s-skip", status="skipped", value=None, ci=None))
     now = run(case("s-up", value=0.95, ci=(0.93, 0.97)), case("s-new"), case("s-ver", setting_version=2, value=0.1),
-              case("s-hash", spec_hash="h2", value=0.1), case("s-undef", value=None, ci=None),
+              case("s-hash", spec_hash="h2", value=0.1), case("s-nan", value=0.1),
               case("s-skip", status="skipped", value=None, ci=None))
     res = compare_runs(now, baseline, SPEARMAN)
     assert not res.failed
     assert [f.key[1] for f in res.improvements] == ["s-up"]
     assert [f.key[1] for f in res.new] == ["s-new"]
     assert [f.key[1] for f in res.vanished] == ["s-gone"]
-    assert [f.key[1] for f in res.not_comparable] == ["s-hash", "s-skip", "s-undef", "s-ver"]
+    assert [f.key[1] for f in res.not_comparable] == ["s-hash", "s-nan", "s-skip", "s-ver"]
     assert "baseline v1 h1, run v2 h1" in {f.key[1]: f.detail for f in res.not_comparable}["s-ver"]
     text = format_comparison(res, "now.json", "base.json")
     for title in ["REGRESSIONS: 0", "improvements: 1", "new cases (not in baseline): 1",
@@ -88,6 +169,66 @@ def test_error_now_is_a_regression_and_error_before_an_improvement():
                        run(case("a"), case("b", status="error", value=None, ci=None)), SPEARMAN)
     assert [f.key[1] for f in res.regressions] == ["a"] and "errors now" in res.regressions[0].detail
     assert [f.key[1] for f in res.improvements] == ["b"]
+
+
+def test_a_baseline_ok_case_that_is_skipped_or_undefined_now_regresses_with_the_reason():
+    res = compare_runs(run(case("a", status="skipped", value=None, ci=None,
+                                message="est on iris-a: 15 parameters exceed max_params=10\nmore"),
+                           case("b", value=None, ci=None, n_test=0, n_undefined=10), case("c")),
+                       run(case("a"), case("b"), case("c")), SPEARMAN)
+    assert res.failed and [f.key[1] for f in res.regressions] == ["a", "b"]
+    a, b = (f.detail for f in res.regressions)
+    assert a == "did not run: skipped now (baseline 0.8): est on iris-a: 15 parameters exceed max_params=10"
+    assert b == "no value now (baseline 0.8): undefined at all 10 test points"
+    text = format_comparison(res)
+    assert "est / a / loo-fixed / warm / spearman: did not run: skipped now" in text and "GATE FAILED: 2" in text
+    # a NaN run value is no value either
+    assert compare_runs(run(case("c", value=float("nan"))), run(case("c")), SPEARMAN).failed
+
+
+def test_selected_but_no_result_regresses_a_slice_that_left_it_out_does_not():
+    def selected(*settings, not_run=None):
+        entries = [{"estimator": "est", "setting": s, "mode": "warm", "protocols": ["loo-fixed", "loo-topk"]}
+                   for s in settings]
+        if not_run:
+            entries[-1]["not_run"] = not_run
+        return {"selected": entries}
+
+    baseline = run(case("a"), case("b"), case("cifar"))
+    sliced = replace(run(case("a"), case("b")), extra=selected("a", "b"))  # `-k`: cifar not selected
+    res = compare_runs(sliced, baseline, SPEARMAN)
+    assert not res.failed and [f.key[1] for f in res.vanished] == ["cifar"]
+    missing = replace(run(case("a")), extra=selected("a", "b", not_run="data unavailable: no such file"))
+    res = compare_runs(missing, baseline, SPEARMAN)
+    assert res.failed and [f.key[1] for f in res.regressions] == ["b"] and [f.key[1] for f in res.vanished] == ["cifar"]
+    assert res.regressions[0].detail == "selected but no result (baseline 0.8): data unavailable: no such file"
+    # a protocol or mode the run did not select is not "selected"
+    other_mode = replace(run(case("a")), extra={"selected": [{"estimator": "est", "setting": "b", "mode": "scratch",
+                                                              "protocols": ["loo-fixed"]}]})
+    assert not compare_runs(other_mode, baseline, SPEARMAN).failed
+    # the time gate: the (estimator, setting, mode) pair is what is selected
+    res = compare_runs(replace(run(case("a")), extra=selected("a", "b")), baseline, (parse_gate("time:+25%"),))
+    assert [f.key for f in res.regressions] == [("est", "b", "warm", "time")]
+    # an old run file without a selection: vanished, as before
+    assert not compare_runs(run(case("a")), baseline, SPEARMAN).failed
+
+
+def test_unknown_gate_metric_and_a_gate_that_compared_nothing_fail():
+    with pytest.raises(GateSpecError, match=r"unknown metric 'spearmen'; known: spearman, pearson, topk-overlap, "
+                                            r"time, memory"):
+        parse_gate("spearmen:-0.05")
+    assert parse_gate("topk-overlap:-0.1").metric == "topk-overlap"
+    # nothing in common (a run of other settings): the gate checked nothing
+    res = compare_runs(run(case("x")), run(case("y")), SPEARMAN)
+    assert res.failed and res.empty_gates == ["spearman:-0.05"] and not res.regressions
+    text = format_comparison(res)
+    assert "GATE FAILED: gate spearman:-0.05 compared nothing" in text and "gate passed" not in text
+    # a NaN baseline value compares nothing: not a silent pass
+    res = compare_runs(run(case("x", value=0.2)), run(case("x", value=float("nan"))), SPEARMAN)
+    assert res.failed and [f.key[1] for f in res.not_comparable] == ["x"] and res.unchanged == 0
+    # one gate with cases, one without: the empty one still fails the comparison
+    res = compare_runs(run(case("x")), run(case("x")), (SPEARMAN[0], parse_gate("pearson:-0.05")))
+    assert res.unchanged == 1 and res.empty_gates == ["pearson:-0.05"] and res.failed
 
 
 def test_time_gate_relative_with_noise_floor():
@@ -105,10 +246,16 @@ def test_time_gate_relative_with_noise_floor():
 def test_unchanged_real_run_passes_and_noised_copy_fails():
     base = load_run(V1)
     assert not compare_runs(base, base, SPEARMAN).failed
-    worse = [replace(c, value=c.value - 0.2, ci_low=c.ci_low - 0.2, ci_high=c.ci_high - 0.2)
+    assert not compare_runs(base, base, SPEARMAN).empty_gates
+    worse = [replace(c, value=c.value - 0.2, per_test=[None if v is None else v - 0.2 for v in c.per_test])
              if c.estimator == "exact" and c.metric == "spearman" else c for c in base.cases]
     res = compare_runs(replace(base, cases=worse), base, SPEARMAN)
     assert len(res.regressions) == 7 and {f.key[0] for f in res.regressions} == {"exact"}
+    assert all("paired over" in f.detail for f in res.regressions)
+    # the case means alone moved, not the test points: the paired comparison sees no change
+    means_only = [replace(c, value=c.value - 0.2) if c.estimator == "exact" and c.metric == "spearman" else c
+                  for c in base.cases]
+    assert not compare_runs(replace(base, cases=means_only), base, SPEARMAN).failed
 
 
 def _write(path, r):

@@ -44,29 +44,103 @@ def test_rankdata_equals_scipy_average_ranks(a):
     np.testing.assert_allclose(metrics.rankdata(a), scipy.stats.rankdata(a, method="average"))
 
 
-def test_aggregate_mean_ci_median_min_and_undefined_points():
+def test_aggregate_mean_t_interval_median_min_and_undefined_points():
     vals = np.array([0.9, 0.5, np.nan, 0.7, 0.1])
-    agg = metrics.aggregate(vals, n_boot=4000, seed=1)
+    agg = metrics.aggregate(vals)
     ok = vals[np.isfinite(vals)]
     assert agg.mean == pytest.approx(ok.mean())
     assert agg.median == pytest.approx(np.median(ok))
     assert agg.min == pytest.approx(0.1)
     assert (agg.n, agg.n_undefined) == (4, 1)
-    assert agg.ci_low < agg.mean < agg.ci_high
-    assert agg.ci_low >= ok.min() and agg.ci_high <= ok.max()
     assert agg.per_test[2] is None and agg.per_test[0] == 0.9
-    # deterministic given the seed
-    assert metrics.aggregate(vals, n_boot=4000, seed=1).ci_low == agg.ci_low
+    # the Student t interval with n - 1 = 3 degrees of freedom, by hand and by scipy
+    half = 3.182446305284263 * ok.std(ddof=1) / 2.0
+    assert (agg.ci_low, agg.ci_high) == pytest.approx((ok.mean() - half, ok.mean() + half), abs=1e-12)
+    ref = scipy.stats.t.interval(0.95, df=3, loc=ok.mean(), scale=scipy.stats.sem(ok))
+    assert (agg.ci_low, agg.ci_high) == pytest.approx(ref, abs=1e-12)
+    # one defined point: no interval; none: everything undefined; no spread: a point interval
+    one = metrics.aggregate(np.array([0.4, np.nan]))
+    assert one.mean == 0.4 and np.isnan(one.ci_low) and np.isnan(one.ci_high)
+    assert np.isnan(metrics.aggregate(np.array([np.nan, np.nan])).mean)
+    assert (metrics.aggregate(np.full(5, 0.3)).ci_low, metrics.aggregate(np.full(5, 0.3)).ci_high) == \
+        pytest.approx((0.3, 0.3))
 
 
-def test_bootstrap_ci_covers_the_truth_about_95_percent_of_the_time():
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(2, 20), elements=st.floats(-1, 1, allow_nan=False)),
+       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_t_interval_equals_scipy_and_inverts_the_one_sample_t_test(v, level):
+    agg = metrics.aggregate(v, level=level)
+    sem = scipy.stats.sem(v)
+    if sem == 0 or not np.isfinite(sem):
+        assert agg.ci_low == pytest.approx(agg.mean, abs=1e-12) and agg.ci_high == pytest.approx(agg.mean, abs=1e-12)
+        return
+    lo, hi = scipy.stats.t.interval(level, df=v.size - 1, loc=v.mean(), scale=sem)
+    assert agg.ci_low == pytest.approx(lo, abs=1e-9) and agg.ci_high == pytest.approx(hi, abs=1e-9)
+    assert agg.ci_low <= agg.mean <= agg.ci_high
+    # duality: a value on the interval's edge is exactly at the two-sided test's alpha; inside, p > alpha
+    if hi - lo > 1e-6:
+        assert scipy.stats.ttest_1samp(v, hi).pvalue == pytest.approx(1 - level, abs=1e-6)
+        assert scipy.stats.ttest_1samp(v, (lo + hi) / 2).pvalue > 1 - level
+
+
+def test_t_interval_covers_the_truth_about_95_percent_of_the_time_at_n_10():
     rng = np.random.default_rng(0)
-    hits = 0
-    for t in range(200):
-        sample = rng.normal(0.5, 0.2, size=30)
-        agg = metrics.aggregate(sample, n_boot=1000, seed=t)
-        hits += agg.ci_low <= 0.5 <= agg.ci_high
-    assert 0.88 <= hits / 200 <= 0.99
+    hits = sum(agg.ci_low <= 0.5 <= agg.ci_high
+               for agg in (metrics.aggregate(rng.normal(0.5, 0.2, size=10)) for _ in range(2000)))
+    # exact for normal data: 1900 of 2000 expected, binomial sd ~10
+    assert 1865 <= hits <= 1935
+
+
+def _topk_direct(x, y, k):
+    """Direct definition for tie-free rows: the k largest by sorting, intersected."""
+    def top(a):
+        return set(np.argsort(-a)[:k].tolist())
+
+    return len(top(x) & top(y)) / k
+
+
+def test_topk_overlap_against_a_direct_computation():
+    rng = np.random.default_rng(3)
+    for m in (4, 7, 40, 100, 250):
+        x, y = rng.normal(size=(5, m)), rng.normal(size=(5, m))
+        y[0] = x[0] + 0.1 * y[0]  # one nearly agreeing row
+        k = metrics.topk_size(m)
+        assert k == max(1, min(10, m // 4))
+        got = metrics.topk_overlap(x, y)
+        np.testing.assert_allclose(got, [_topk_direct(x[r], y[r], k) for r in range(5)])
+    assert metrics.topk_size(40) == 10 and metrics.topk_size(100) == 10 and metrics.topk_size(20) == 5
+    # by hand: k = 1 for m = 4; the largest of x is index 3, of y index 0
+    assert metrics.topk_overlap(np.array([1.0, 2, 3, 4]), np.array([4.0, 3, 2, 1]))[()] == 0.0
+    # signed, not |value|: the most negative predictions are not "top"
+    assert metrics.topk_overlap(np.array([-9.0, 1, 2, 3]), np.array([-9.0, 3, 2, 1]), k=1)[()] == 0.0
+    # ties at the k-th value: every tied index is in the set; overlap over the larger set
+    assert metrics.topk_overlap(np.array([5.0, 5, 1, 0]), np.array([5.0, 4, 3, 0]), k=1)[()] == pytest.approx(1 / 2)
+    # constant rows are undefined, like the correlations
+    assert np.isnan(metrics.topk_overlap(np.ones(8), np.arange(8.0)))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.topk_overlap(np.ones(8), np.ones(9))
+    assert "topk-overlap" in metrics.METRICS
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs(), st.randoms(use_true_random=False))
+def test_topk_overlap_properties(xy, rnd):
+    x, y = xy
+    got = metrics.topk_overlap(x, y)
+    perm = np.array(rnd.sample(range(x.shape[1]), x.shape[1]))
+    np.testing.assert_array_equal(metrics.topk_overlap(x[:, perm], y[:, perm]), got)  # removal order is irrelevant
+    np.testing.assert_array_equal(metrics.topk_overlap(y, x), got)  # symmetric
+    same = metrics.topk_overlap(x, x)
+    for r in range(x.shape[0]):
+        if np.ptp(x[r]) == 0 or np.ptp(y[r]) == 0:
+            assert np.isnan(got[r])
+        else:
+            assert 0.0 <= got[r] <= 1.0
+        if np.ptp(x[r]) > 0:
+            assert same[r] == 1.0
+            # a strictly increasing transform keeps the top set
+            np.testing.assert_array_equal(metrics.topk_overlap(2.0 * x[r] - 7.0 * (x[r] < 0), y[r]), got[r])
 
 
 def test_split_half_ceiling_matches_hand_computation():
@@ -88,3 +162,14 @@ def test_split_half_ceiling_matches_hand_computation():
     assert spearman_brown(0.5) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="R >= 2"):
         split_half_ceiling(rep[:1])
+
+
+def test_attainable_correlation_is_the_square_root_of_the_reliability():
+    # ground truth G = T + noise with var T / var G = rho: the best estimator (T itself) reaches sqrt(rho)
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=200_000)
+    g = t + rng.normal(scale=np.sqrt(1 / 0.64 - 1), size=t.size)  # reliability 0.64
+    assert metrics.pearson(t, g)[()] == pytest.approx(metrics.attainable_correlation(0.64), abs=0.01)
+    assert metrics.attainable_correlation(0.64) == pytest.approx(0.8)
+    assert metrics.attainable_correlation(1.0) == 1.0 and metrics.attainable_correlation(0.0) == 0.0
+    assert np.isnan(metrics.attainable_correlation(float("nan")))

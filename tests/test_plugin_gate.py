@@ -54,3 +54,80 @@ def test_unchanged_run_passes_the_gate_and_bad_options_are_usage_errors(tmp_path
     assert res.returncode == 4 and "tolerates a drop" in res.stderr
     res = _pytest(tmp_path, 0.79, "--baseline", str(tmp_path / "nope.json"))
     assert res.returncode == 4 and "influence-bench baseline update" in res.stderr
+
+
+FIDELITY_SUITE = '''
+import os
+
+from influence_bench.reporting.schema import Case
+
+
+def test_fidelity(fidelity_case, influence_bench):
+    fc = fidelity_case
+    what = os.environ.get("IB_" + fc.setting.id.replace("-", "_"), "ok")  # ok | skipped | missing
+    if what == "missing":  # selected, but the session records no case for it
+        return
+    influence_bench.scoring.cases.append(Case(
+        estimator=fc.estimator, setting=fc.setting.id, setting_version=fc.setting.version,
+        spec_hash=fc.setting.spec_hash, protocol="loo-fixed", mode=fc.setting.ground_truth.mode, metric="spearman",
+        status=what, value=0.9 if what == "ok" else None, n_test=10,
+        message="" if what == "ok" else f"{fc.id}: pretend it is unsupported\\ntrace"))
+'''
+
+
+def _fidelity(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "test_fid.py").write_text(FIDELITY_SUITE)
+    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "pytest", "test_fid.py", "-q", "-p", "no:cacheprovider",
+                           "--estimator", "exact", "-k", "iris-mlp-d1 or iris-mlp-d2-w16",
+                           "--results-dir", str(tmp_path / "results"), *args],
+                          cwd=tmp_path, capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_gate_fails_a_baseline_case_skipped_or_missing_now_and_passes_a_slice(tmp_path):
+    first = _fidelity(tmp_path, {})
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run,) = (tmp_path / "results" / "runs").glob("run-*.json")
+    doc = json.loads(run.read_text())
+    assert {(e["estimator"], e["setting"]) for e in doc["selected"]} == {
+        ("exact", "iris-mlp-d1-w16-wd1e-3"), ("exact", "iris-mlp-d2-w16-wd1e-3")}
+    base = str(run)
+    skipped = _fidelity(tmp_path, {"IB_iris_mlp_d2_w16_wd1e_3": "skipped"}, "--baseline", base)
+    assert skipped.returncode == 1, skipped.stdout + skipped.stderr
+    assert "REGRESSIONS: 1" in skipped.stdout and "GATE FAILED: 1 regression(s)" in skipped.stdout
+    assert ("exact / iris-mlp-d2-w16-wd1e-3 / loo-fixed / warm / spearman: did not run: skipped now (baseline 0.9): "
+            "exact-iris-mlp-d2-w16-wd1e-3: pretend it is unsupported") in skipped.stdout
+    missing = _fidelity(tmp_path, {"IB_iris_mlp_d2_w16_wd1e_3": "missing"}, "--baseline", base)
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert "iris-mlp-d2-w16-wd1e-3 / loo-fixed / warm / spearman: selected but no result (baseline 0.9)" \
+        in missing.stdout
+    # a -k slice that leaves d2 out: vanished, not a failure
+    sliced = _fidelity(tmp_path, {}, "--baseline", base, "-k", "iris-mlp-d1")
+    assert sliced.returncode == 0, sliced.stdout + sliced.stderr
+    assert "gate passed" in sliced.stdout and "vanished cases (in baseline, not in run): 1" in sliced.stdout
+
+
+def test_scoring_session_records_its_selection_and_why_a_selected_case_did_not_run(tmp_path):
+    from influence_bench.reporting.gates import compare_runs, parse_gate
+    from influence_bench.reporting.schema import load_run
+    from influence_bench.scoring.session import ScoringSession
+    from influence_bench.spec.catalog import get_setting
+
+    iris, mnist = get_setting("iris-logreg-wd1e-3"), get_setting("mnist5k-logreg-wd1e-3")
+    session = ScoringSession()
+    session.select("exact", iris, ("loo-fixed",))
+    session.select("exact", mnist)
+    session.not_run("exact", mnist, "data unavailable: no MNIST under $INFLUENCE_BENCH_DATA\nmore")
+    session.cases.append(Case("exact", iris.id, iris.version, iris.spec_hash, "loo-fixed", iris.ground_truth.mode,
+                              "spearman", value=0.9, n_test=10))
+    run = load_run(session.write_run(tmp_path))
+    assert run.extra["selected"] == [
+        {"estimator": "exact", "setting": iris.id, "mode": "warm", "protocols": ["loo-fixed"]},
+        {"estimator": "exact", "setting": mnist.id, "mode": "warm", "protocols": list(mnist.protocol.default),
+         "not_run": "data unavailable: no MNIST under $INFLUENCE_BENCH_DATA"}]
+    baseline = load_run(write_run(tmp_path / "b.json", run.cases + [
+        Case("exact", mnist.id, mnist.version, mnist.spec_hash, "loo-fixed", "warm", "spearman", value=0.8)]))
+    res = compare_runs(run, baseline, [parse_gate("spearman:-0.05")])
+    assert [f.detail for f in res.regressions] == [
+        "selected but no result (baseline 0.8): data unavailable: no MNIST under $INFLUENCE_BENCH_DATA"]

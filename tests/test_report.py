@@ -85,3 +85,45 @@ def test_report_refuses_a_broken_run_file(tmp_path, capsys):
 @pytest.fixture(autouse=True)
 def _agg(monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+def _ceiling_ys(fig) -> set:
+    """The heights of the dashed ceiling marks drawn in ``fig``: segments (hlines), dash markers, lines."""
+    from matplotlib.collections import LineCollection
+
+    from influence_bench.reporting.plots import CEILING
+
+    ys = set()
+    for ax in fig.axes:
+        for col in ax.collections:
+            if isinstance(col, LineCollection):
+                ys |= {round(float(s[0][1]), 3) for s in col.get_segments() if s[0][1] == s[-1][1]}
+        for line in ax.lines:
+            y = np.asarray(line.get_ydata(), dtype=float)
+            if line.get_color() == CEILING["color"] and y.size and np.all(y == y[0]):
+                ys.add(round(float(y[0]), 3))
+    return ys
+
+
+def test_figures_draw_each_settings_own_ceiling(monkeypatch, tmp_path):
+    from influence_bench.reporting import plots
+    from influence_bench.reporting.points import Point
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
+    cases = []
+    for wd, ceiling in ((0.0, 0.9), (1e-3, 0.7)):  # a stochastic pair: its own ceiling each
+        info = {"dataset": "toy", "family": "cnn", "depth": 2, "width": 16, "weight_decay": wd}
+        for est in ("a", "b"):
+            cases.append(Case(est, f"toy-cnn-wd{wd:g}", 1, "h", "loo-fixed", "warm", "spearman", value=0.5,
+                              ci_low=0.4, ci_high=0.6, n_test=3, per_test=[0.4, 0.5, 0.6], noise_ceiling=ceiling,
+                              noise_reliability=ceiling ** 2, wall_time_s=0.1, setting_info=info))
+    points = [Point(c, c.setting_info) for c in cases]
+    for name, fn in (("weight_decay.png", plots.weight_decay), ("spread.png", plots.spread),
+                     ("time_vs_fidelity.png", plots.time_vs_fidelity)):
+        assert fn(points, tmp_path / name) is None
+        assert {0.9, 0.7} <= _ceiling_ys(drawn[name]), name  # not one line at the minimum, 0.7
+    # settings that share a ceiling: one line across the axes
+    same = [Point(c, c.setting_info) for c in cases if c.noise_ceiling == 0.9]
+    plots.spread(same, tmp_path / "spread.png")
+    assert _ceiling_ys(drawn["spread.png"]) == {0.9}

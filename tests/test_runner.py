@@ -48,7 +48,7 @@ def test_broken_estimator_is_an_error_case_naming_estimator_and_setting(kind, tm
     cases = evaluate(_make(f"broken-{kind}", fn), IRIS, store=store)
     assert {c.status for c in cases} == {"error"}
     assert {(c.protocol, c.metric) for c in cases} == {(p, m) for p in ("loo-fixed", "loo-topk")
-                                                       for m in ("spearman", "pearson")}
+                                                       for m in ("spearman", "pearson", "topk-overlap")}
     msg = cases[0].message
     assert f"'broken-{kind}'" in msg and "'iris-logreg-wd1e-3'" in msg
     assert __import__("re").search(pattern, msg), msg
@@ -72,7 +72,10 @@ def test_exact_on_iris_logreg_cases_carry_everything(tmp_path):
     cases = evaluate("exact", IRIS, store=GroundTruthStore(tmp_path))
     sp = next(c for c in cases if c.protocol == "loo-fixed" and c.metric == "spearman")
     assert sp.value >= 0.95 and sp.ci_low <= sp.value <= sp.ci_high
-    assert sp.n_test == len(sp.per_test) == 10 and sp.noise_ceiling == 1.0
+    assert sp.n_test == len(sp.per_test) == 10 and sp.noise_ceiling == 1.0 and sp.noise_reliability == 1.0
+    top = next(c for c in cases if c.protocol == "loo-fixed" and c.metric == "topk-overlap")
+    assert top.status == "ok" and top.n_test == 10 and all(v in {k / 10 for k in range(11)} for v in top.per_test)
+    assert top.value >= 0.7  # exact influence on a convex setting finds most of the 10 most helpful points
     assert sp.setting_version == IRIS.version and sp.spec_hash == IRIS.spec_hash
     assert sp.wall_time_s >= 0 and sp.hyperparameters == {"damping": 0.0, "max_params": 12000, "max_seconds": 120.0}
 
@@ -95,7 +98,7 @@ def test_run_file_round_trip_and_refusals(tmp_path):
     assert doc["schema_version"] == SCHEMA_VERSION
     assert {"torch", "cuda", "device_name", "cpu_count"} <= set(doc["machine"])
     assert set(doc["commit"]) == {"sha", "dirty"}
-    assert len(doc["cases"]) == 4 and doc["cases"][0]["estimator"] == "gradient-dot"
+    assert len(doc["cases"]) == 2 * 3 and doc["cases"][0]["estimator"] == "gradient-dot"
     (tmp_path / "bad.json").write_text('{"schema_version": 1, "cas')
     with pytest.raises(ValueError, match="bad.json: cannot be read as JSON"):
         read_run(tmp_path / "bad.json")

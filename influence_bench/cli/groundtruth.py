@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from influence_bench import metrics
 from influence_bench.cli.progress import Progress  # noqa: F401
 from influence_bench.spec import catalog
 
@@ -101,9 +102,10 @@ def _info(args) -> int:
             got = [store.load_for(k, ctx.test_idx) for k in keys]
             common = got[0].ids[np.all([np.isin(got[0].ids, g.ids) for g in got], axis=0)]
             if len(common) > 2:
-                ceiling = build(ctx, kind, common, store, cols=ctx.test_idx).noise_ceiling
-                print(f"  noise ceiling (split-half over {len(keys)} replicates, {len(common)} removals, evaluated "
-                      f"test points): {ceiling:.3f}")
+                reliability = build(ctx, kind, common, store, cols=ctx.test_idx).noise_ceiling  # holds the reliability
+                print(f"  split-half reliability over {len(keys)} replicates, {len(common)} removals, evaluated "
+                      f"test points: {reliability:.3f}; noise ceiling (attainable correlation, its square root): "
+                      f"{metrics.attainable_correlation(reliability):.3f}")
     return 0
 
 

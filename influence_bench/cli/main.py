@@ -50,10 +50,13 @@ def _score(args) -> int:
     for s in settings:
         s = s.with_mode(args.mode) if args.mode else s
         print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr, flush=True)
+        protocols = tuple(args.protocol) if args.protocol else None
+        session.select(args.estimator, s, protocols)
         try:
-            session.evaluate(args.estimator, s, protocols=tuple(args.protocol) if args.protocol else None)
+            session.evaluate(args.estimator, s, protocols=protocols)
         except DataUnavailable as exc:
             skipped.append(f"{s.id}: {exc}")
+            session.not_run(args.estimator, s, f"data unavailable: {exc}")
     cases = session.cases
     _, failures = session.judge()
     reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from influence_bench import metrics
 from influence_bench.api.registry import builtin_estimators  # noqa: F401
 from influence_bench.scoring.runner import removals
 from influence_bench.spec import catalog
@@ -78,7 +79,8 @@ def _ship_to(args, out: Path) -> int:
         bar.draw(final=True)
         for p in stale:
             print(f"{setting.id}: removed stale key folder {p}")
-        ceiling = f", noise ceiling {entries.noise_ceiling:.3f} over {reps} replicates" if reps > 1 else ""
+        ceiling = (f", split-half reliability {entries.noise_ceiling:.3f} over {reps} replicates (noise ceiling "
+                   f"{metrics.attainable_correlation(entries.noise_ceiling):.3f})" if reps > 1 else "")
         print(f"{setting.id}: shipped {len(entries.ids)} removals x {len(entries.cols)} test columns{ceiling}, "
               f"{path.stat().st_size} bytes: {path}; theta* ({ctx.theta_source}, sha256 {ctx.theta_sha256[:16]}) "
               f"beside it")

@@ -2,32 +2,54 @@
 
 A gate SPEC is ``METRIC:TOLERANCE``:
 
-* ``spearman:-0.05`` — a fidelity metric (any case metric, higher is better) may drop by at most
-  0.05 (absolute); ``pearson:-10%`` — at most 10% of the baseline value (relative).
+* ``spearman:-0.05`` — a fidelity metric (any metric in ``metrics.METRICS``: spearman, pearson,
+  topk-overlap; higher is better) may drop by at most 0.05 (absolute); ``pearson:-10%`` — at most
+  10% of the baseline value (relative). An unknown metric is a ``GateSpecError``.
 * ``time:+25%`` — the estimator's wall time may grow by at most 25% (``memory:+25%``: peak
   memory); ``time:+0.5`` — by at most 0.5 s (MiB for memory).
 
-A fidelity case **regresses** only when the drop exceeds the tolerance *and* the baseline value lies
-outside the run's 95% CI (so a drop the run's own noise explains never fails the gate; a case
-without a CI is judged on the tolerance alone). Time and memory carry no CI; they regress when the
-increase exceeds the tolerance and also ``COST_FLOOR`` (0.1 s / 10 MiB), below which the timer and
-allocator noise dominate. Improvements are the mirror image.
+A fidelity case is compared with its baseline **paired, test point by test point**: the per-test
+values (``Case.per_test``) are aligned by ``Case.test_idx`` and only test points defined in both are
+kept. The case **regresses** when the mean paired drop exceeds the tolerance *and* a one-sided paired
+t-test (H1: the baseline is higher; ``scipy.stats.ttest_rel(..., alternative="greater")``) gives
+p < 0.05, so a drop the test points' own spread explains never fails the gate. When every paired
+difference is the same the test is degenerate: a drop beyond the tolerance is then significant.
+Where the per-test values are missing (or fewer than two test points are defined in both), the case
+is judged on the tolerance alone, and the finding says so. Time and memory carry no per-test values;
+they regress when the increase exceeds the tolerance and also ``COST_FLOOR`` (0.1 s / 10 MiB), below
+which the timer and allocator noise dominate. Improvements are the mirror image.
 
 Cases are matched on (estimator, setting, protocol, ground-truth mode, metric); time and memory on
-(estimator, setting, mode). A case whose setting version or spec hash differs from the baseline's,
-whose value is undefined, or that was skipped is *not comparable* — never a regression. A case that
-errors now but had a value in the baseline is a regression.
+(estimator, setting, mode). A case whose setting version or spec hash differs from the baseline's, or
+whose baseline has no value (not ok, undefined or NaN), is *not comparable*. A case that had a value
+in the baseline **regresses** when the run
+
+* errors, or skips it (the finding quotes the first line of the case's message),
+* has no value for it (undefined at every test point),
+* selected its (estimator, setting) and produced no case for it: "selected but no result". Run files
+  record their selection (``selected``, written by the pytest plugin and ``influence-bench score``);
+  baseline cases the run did not select (a ``-k cifar`` slice) are merely *vanished*, as are all
+  missing cases when the run file records no selection (older files).
+
+A gate that compared no case at all (nothing matched, or nothing had values on both sides) fails the
+comparison and says so: a gate that checked nothing must not pass.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from influence_bench.metrics import METRICS
 from influence_bench.reporting.schema import Case, Run
 
 COSTS = {"time": ("wall_time_s", "s", 0.1), "memory": ("peak_memory_mb", "MiB", 10.0)}
 DEFAULT_GATES = ("spearman:-0.05",)
+ALPHA = 0.05  # one-sided level of the paired t-test
 _SPEC = re.compile(r"^([A-Za-z_][\w-]*):([+-]?)(\d+(?:\.\d*)?|\.\d+)(%?)$")
 
 
@@ -60,6 +82,9 @@ def parse_gate(spec: str) -> Gate:
         raise GateSpecError(f"gate {spec!r}: expected METRIC:TOLERANCE, e.g. spearman:-0.05 or time:+25%")
     metric, sign, number, pct = m.groups()
     cost = metric in COSTS
+    if not cost and metric not in METRICS:
+        raise GateSpecError(f"gate {spec!r}: unknown metric {metric!r}; known: "
+                            f"{', '.join(list(METRICS) + list(COSTS))}")
     if (cost and sign == "-") or (not cost and sign == "+"):
         want = "an increase (+)" if cost else "a drop (-)"
         raise GateSpecError(f"gate {spec!r}: {metric} tolerates {want}, e.g. "
@@ -87,10 +112,16 @@ class Comparison:
     vanished: list[Finding] = field(default_factory=list)
     not_comparable: list[Finding] = field(default_factory=list)
     unchanged: int = 0
+    compared: dict = field(default_factory=dict)  # str(gate) -> cases it reached a verdict on
+
+    @property
+    def empty_gates(self) -> list[str]:
+        """Gates that compared no case."""
+        return [str(g) for g in self.gates if not self.compared.get(str(g))]
 
     @property
     def failed(self) -> bool:
-        return bool(self.regressions)
+        return bool(self.regressions or self.empty_gates)
 
     SECTIONS = ("regressions", "improvements", "new", "vanished", "not_comparable")
 
@@ -109,7 +140,46 @@ def _index(run: Run, gates: tuple[Gate, ...]) -> dict[tuple, tuple[Gate, Case]]:
 
 
 def _value(g: Gate, c: Case) -> float | None:
-    return getattr(c, COSTS[g.metric][0]) if g.is_cost else c.value
+    """The case's value for ``g``; None when missing or not finite (a NaN never compares)."""
+    v = getattr(c, COSTS[g.metric][0]) if g.is_cost else c.value
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _first_line(c: Case) -> str:
+    lines = c.message.strip().splitlines()
+    return lines[0][:120] if lines else "(no message)"
+
+
+def paired_values(base: Case, run: Case) -> tuple[np.ndarray, np.ndarray] | None:
+    """(baseline, run) per-test values at the test points defined in both, aligned by ``test_idx``;
+    None when either case lacks per-test values or test indices."""
+    def table(c: Case) -> dict | None:
+        if not c.per_test or len(c.test_idx) != len(c.per_test):
+            return None
+        return {int(i): float(v) for i, v in zip(c.test_idx, c.per_test) if v is not None and math.isfinite(v)}
+
+    a, b = table(base), table(run)
+    if a is None or b is None:
+        return None
+    common = sorted(set(a) & set(b))
+    return np.array([a[i] for i in common]), np.array([b[i] for i in common])
+
+
+def one_sided_p(x: np.ndarray, y: np.ndarray) -> float:
+    """p-value of the one-sided paired t-test of H1 ``mean(x - y) > 0`` (``ttest_rel(x, y,
+    alternative="greater")``). Identical differences (zero variance) make the test degenerate: p is 0
+    when they are positive, else 1. NaN with fewer than two pairs."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2:
+        return float("nan")
+    d = x - y
+    if np.ptp(d) == 0:
+        return 0.0 if d[0] > 0 else 1.0
+    with warnings.catch_warnings():  # nearly identical differences: scipy warns of precision loss
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_rel(x, y, alternative="greater").pvalue)
 
 
 def _judge(g: Gate, key: tuple, base: Case, run: Case, res: Comparison) -> None:
@@ -118,29 +188,52 @@ def _judge(g: Gate, key: tuple, base: Case, run: Case, res: Comparison) -> None:
         res.not_comparable.append(Finding(key, f"setting changed: baseline v{base.setting_version} "
                                                f"{base.spec_hash}, run v{run.setting_version} {run.spec_hash}"))
         return
-    if run.status == "error" and base.status == "ok" and b is not None:
-        res.regressions.append(Finding(key, f"errors now (baseline {b:.4g}): {run.message.splitlines()[0][:120]}"))
-        return
-    if b is None or r is None or base.status != "ok" or run.status != "ok":
+    if base.status != "ok" or b is None:
         if base.status == "error" and run.status == "ok" and r is not None:
             res.improvements.append(Finding(key, f"errored in baseline, now {r:.4g}"))
+            res.compared[str(g)] = res.compared.get(str(g), 0) + 1
         else:
-            res.not_comparable.append(Finding(key, f"no value to compare (baseline {base.status} {b}, "
-                                                   f"run {run.status} {r})"))
+            res.not_comparable.append(Finding(key, f"no baseline value to compare (baseline {base.status}, value "
+                                                   f"{_show(b)}; run {run.status}, value {_show(r)})"))
         return
-    allowed = g.allowed(b)
+    res.compared[str(g)] = res.compared.get(str(g), 0) + 1
+    if run.status == "error":
+        res.regressions.append(Finding(key, f"errors now (baseline {b:.4g}): {_first_line(run)}"))
+        return
+    if run.status == "skipped":
+        res.regressions.append(Finding(key, f"did not run: skipped now (baseline {b:.4g}): {_first_line(run)}"))
+        return
+    if r is None:
+        what = (f"undefined at all {run.n_test + run.n_undefined} test points" if not g.is_cost
+                else f"no {COSTS[g.metric][0]} recorded")
+        res.regressions.append(Finding(key, f"no value now (baseline {b:.4g}): {what}"))
+        return
     if g.is_cost:
+        allowed = g.allowed(b)
         unit, floor = COSTS[g.metric][1:]
         delta = r - b
         worse, better = delta > max(allowed, floor), -delta > max(allowed, floor)
         text = f"{b:.3g} -> {r:.3g} {unit} ({delta:+.3g} {unit}, {100 * delta / b if b else float('inf'):+.0f}%; " \
                f"allowed +{allowed:.3g} {unit})"
     else:
-        delta = r - b
-        outside = run.ci_low is None or run.ci_high is None or not (run.ci_low <= b <= run.ci_high)
-        worse, better = outside and -delta > allowed, outside and delta > allowed
-        ci = "no CI" if run.ci_low is None else f"run 95% CI [{run.ci_low:.3f}, {run.ci_high:.3f}]"
-        text = f"{b:.4f} -> {r:.4f} ({delta:+.4f}; allowed -{allowed:.4f}; {ci})"
+        pair = paired_values(base, run)
+        if pair is not None and pair[0].size >= 2:
+            bv, rv = pair
+            change = float(np.mean(rv - bv))
+            allowed = g.allowed(float(bv.mean()))
+            p_drop, p_gain = one_sided_p(bv, rv), one_sided_p(rv, bv)
+            worse = -change > allowed and p_drop < ALPHA
+            better = change > allowed and p_gain < ALPHA
+            p, side = (p_drop, "drop") if change < 0 else (p_gain, "gain")
+            text = (f"{b:.4f} -> {r:.4f} (paired over {bv.size} test points: mean change {change:+.4f}, "
+                    f"allowed -{allowed:.4f}; one-sided paired t-test of the {side}: p = {p:.3g})")
+        else:
+            delta = r - b
+            allowed = g.allowed(b)
+            worse, better = -delta > allowed, delta > allowed
+            why = ("no per-test values" if pair is None
+                   else f"{pair[0].size} test point(s) defined in both")
+            text = f"{b:.4f} -> {r:.4f} ({delta:+.4f}; allowed -{allowed:.4f}; {why}: judged on the tolerance alone)"
     if worse:
         res.regressions.append(Finding(key, text))
     elif better:
@@ -153,15 +246,43 @@ def _show(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
+def _selection(run: Run) -> list[dict] | None:
+    sel = run.extra.get("selected")
+    return sel if isinstance(sel, list) else None
+
+
+def _selected_entry(selection: list[dict], key: tuple, g: Gate) -> dict | None:
+    """The run's selection entry covering baseline case ``key`` of gate ``g``, if any."""
+    if g.is_cost:
+        est, setting, mode, _ = key
+        proto = None
+    else:
+        est, setting, proto, mode, _ = key
+    for e in selection:
+        if (e.get("estimator"), e.get("setting"), e.get("mode")) == (est, setting, mode) and \
+                (proto is None or proto in e.get("protocols", ())):
+            return e
+    return None
+
+
 def compare_runs(run: Run, baseline: Run, gates: tuple[Gate, ...] | list[Gate] = ()) -> Comparison:
     gates = tuple(gates) or tuple(parse_gate(s) for s in DEFAULT_GATES)
     res = Comparison(gates)
     now, before = _index(run, gates), _index(baseline, gates)
+    selection = _selection(run)
     for key in sorted(set(now) | set(before)):
         if key not in before:
             res.new.append(Finding(key, f"{now[key][1].status}, value {_show(_value(*now[key]))}"))
         elif key not in now:
-            res.vanished.append(Finding(key, f"baseline value {_show(_value(*before[key]))}"))
+            g, base = before[key]
+            b = _value(g, base)
+            entry = _selected_entry(selection, key, g) if selection is not None else None
+            if entry is not None and base.status == "ok" and b is not None:
+                why = f": {entry['not_run']}" if entry.get("not_run") else ""
+                res.regressions.append(Finding(key, f"selected but no result (baseline {b:.4g}){why}"))
+                res.compared[str(g)] = res.compared.get(str(g), 0) + 1
+            else:
+                res.vanished.append(Finding(key, f"baseline value {_show(b)}"))
         else:
             _judge(now[key][0], key, before[key][1], now[key][1], res)
     return res
@@ -174,7 +295,7 @@ def format_comparison(res: Comparison, run_name: str = "run", baseline_name: str
     lines = [f"compare {run_name} against {baseline_name}; gates: {', '.join(map(str, res.gates))}"]
     titles = {"regressions": "REGRESSIONS", "improvements": "improvements", "new": "new cases (not in baseline)",
               "vanished": "vanished cases (in baseline, not in run)",
-              "not_comparable": "not comparable (different setting version/spec, or no value)"}
+              "not_comparable": "not comparable (different setting version/spec, or no baseline value)"}
     for name in Comparison.SECTIONS:
         items = getattr(res, name)
         lines.append(f"{titles[name]}: {len(items)}")
@@ -182,7 +303,13 @@ def format_comparison(res: Comparison, run_name: str = "run", baseline_name: str
         lines += [f"  {f.label}: {f.detail}" for f in items[:cap]]
         if len(items) > cap:
             lines.append(f"  ... and {len(items) - cap} more")
-    verdict = (f"GATE FAILED: {len(res.regressions)} regression(s)" if res.failed
-               else f"gate passed ({res.unchanged} within tolerance or noise)")
+    for g in res.empty_gates:
+        lines.append(f"gate {g} compared no case: no case of its metric has a value in both the run and the baseline")
+    if res.failed:
+        why = [f"{len(res.regressions)} regression(s)"] if res.regressions or not res.empty_gates else []
+        why += [f"gate {g} compared nothing" for g in res.empty_gates]
+        verdict = f"GATE FAILED: {'; '.join(why)}"
+    else:
+        verdict = f"gate passed ({res.unchanged} within tolerance or noise)"
     lines.append(verdict)
     return "\n".join(lines)

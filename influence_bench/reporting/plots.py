@@ -3,6 +3,7 @@ returns ``None``, or a short reason why the runs hold nothing to draw (then no f
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,6 +19,33 @@ from influence_bench.reporting.points import sort_key  # noqa: E402
 _TAB20 = plt.get_cmap("tab20").colors
 COLORS = [_TAB20[i] for i in range(0, 20, 2)] + [_TAB20[i] for i in range(1, 20, 2)]
 CEILING = dict(color="0.35", linestyle="--", linewidth=1.2)
+
+
+def _ceiling(pts) -> float | None:
+    """The noise ceiling of one setting's cases (the lowest, where loo-topk estimators removed different
+    points); None where none is measured."""
+    vals = [p.noise_ceiling for p in pts if p.noise_ceiling is not None and math.isfinite(p.noise_ceiling)]
+    return min(vals) if vals else None
+
+
+def _ceilings(ax, marks) -> None:
+    """Draw each setting's own noise ceiling. ``marks`` holds ``(x_low, x_high, ceiling)`` spans (a
+    dashed segment) or ``(x, None, ceiling)`` points (a dash marker, for log axes where the settings
+    scatter); one dashed line across the axes when every setting has the same ceiling."""
+    marks = [m for m in marks if m[2] is not None]
+    if not marks:
+        return
+    if len({round(m[2], 6) for m in marks}) == 1:
+        ax.axhline(marks[0][2], **CEILING, label="noise ceiling")
+        return
+    label = "noise ceiling (per setting)"
+    for lo, hi, c in marks:
+        if hi is None:
+            ax.plot([lo], [c], marker="_", markersize=10, markeredgewidth=1.2, color=CEILING["color"], zorder=1,
+                    linestyle="none", label=label)
+        else:
+            ax.hlines(c, lo, hi, colors=CEILING["color"], linestyles="--", linewidth=CEILING["linewidth"], label=label)
+        label = None
 
 
 def _colors(points) -> dict[str, str]:
@@ -76,9 +104,10 @@ def vs_shape(points, path: Path, axis: str):
                     _errbar(ax, [p.shape[axis] for p in ep], ep, color=colors[est],
                             linestyle=styles[g % len(styles)], label=est + label_g)
                 xs = sorted({p.shape[axis] for p in pts})
-                ceil = [min(p.noise_ceiling for p in pts if p.shape[axis] == x) for x in xs]
+                ceil = [_ceiling([p for p in pts if p.shape[axis] == x]) for x in xs]  # each setting's own
                 if xs:
-                    ax.plot(xs, ceil, **CEILING, label="noise ceiling" if g == 0 else None)
+                    ax.plot(xs, [math.nan if c is None else c for c in ceil], **CEILING,
+                            label="noise ceiling" if g == 0 else None)
             ax.set_xlabel(f"MLP {axis}" + (" (hidden layers)" if axis == "depth" else " (units per layer)"))
             ax.set_ylabel(f"mean {metric} (95% CI)")
             ax.set_title(f"{metric}, {proto}")
@@ -125,7 +154,14 @@ def weight_decay(points, path: Path):
                     _errbar(ax, [x], ep[:1], color=colors[est], linestyle="none",
                             markerfacecolor=colors[est] if on else "white",
                             label=est if i == 0 and on else None)
-        ax.axhline(min(p.noise_ceiling for v in pairs.values() for p in v), **CEILING, label="noise ceiling")
+        marks = []
+        for i, (key, pts) in enumerate(sorted(pairs.items())):
+            for on in (False, True):
+                setting_pts = [p for p in pts if p.protocol == proto and (p.shape["weight_decay"] > 0) == on]
+                for s in sorted({p.setting for p in setting_pts}):
+                    marks.append((i, i + 0.45, _ceiling([p for p in setting_pts if p.setting == s])) if on else
+                                 (i - 0.45, i, _ceiling([p for p in setting_pts if p.setting == s])))
+        _ceilings(ax, marks)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("mean spearman (95% CI)")
@@ -194,8 +230,8 @@ def spread(points, path: Path):
             for x, vals in zip(pos, data):
                 jitter = [x + width * 0.25 * ((k * 0.618) % 1 - 0.5) for k in range(len(vals))]
                 ax.scatter(jitter, vals, s=9, color=colors[est], zorder=3, label=est if x == pos[0] else None)
-        ceil = min(p.noise_ceiling for p in sp)
-        ax.axhline(ceil, **CEILING, label="noise ceiling")
+        _ceilings(ax, [(i - 0.45, i + 0.45, _ceiling([p for p in sp if p.protocol == proto and p.setting == s]))
+                       for i, s in enumerate(settings)])
         ax.set_xticks(range(len(settings)))
         ax.set_xticklabels([_short(next(p for p in sp if p.setting == s)) for s in settings], fontsize=7)
         ax.set_ylabel("Spearman per test point")
@@ -232,8 +268,9 @@ def curvature(points, path: Path):
         depths = sorted(eig)
         ax_e.plot(depths, [eig[d] for d in depths], marker="s", color="0.2", linestyle=styles[g % 4],
                   label=label or "top eigenvalue")
-        ceil = [min((p.noise_ceiling for p in gp if p.shape["depth"] == d), default=1.0) for d in depths]
-        ax_f.plot(depths, ceil, **CEILING, label="noise ceiling" if g == 0 else None)
+        ceil = [_ceiling([p for p in gp if p.shape["depth"] == d]) for d in depths]
+        ax_f.plot(depths, [math.nan if c is None else c for c in ceil], **CEILING,
+                  label="noise ceiling" if g == 0 else None)
     ax_f.set(xlabel="MLP depth", ylabel="mean spearman (95% CI)", title=f"Fidelity ({proto})")
     ax_e.set_yscale("log")
     ax_e.set(xlabel="MLP depth", ylabel="top Hessian eigenvalue (log)", title="Curvature at θ*")
@@ -262,7 +299,7 @@ def time_vs_fidelity(points, path: Path):
             for p in ep:
                 ax.annotate(tags[p.setting], (p.wall_time_s, p.value), fontsize=7,
                             xytext=(3, 3), textcoords="offset points", color=colors[est])
-        ax.axhline(min(p.noise_ceiling for p in pts), **CEILING, label="noise ceiling")
+        _ceilings(ax, [(p.wall_time_s, None, _ceiling([p])) for p in pts])
         ax.set_xscale("log")
         ax.set(xlabel="estimator wall time per setting (s, log)", ylabel="mean spearman (95% CI)",
                title=f"Cost vs fidelity ({proto})")

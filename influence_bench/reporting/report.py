@@ -17,6 +17,7 @@ shape figures (it still appears in the tables, the spread and the time figures).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from influence_bench.reporting.points import FIDELITY, Point, merge_cases, shape_of, sort_key  # noqa: F401
@@ -31,25 +32,33 @@ def fidelity_table(points: list[Point]) -> list[str]:
     rows: dict[tuple, dict[str, Point]] = {}
     for p in sorted(points, key=sort_key):
         rows.setdefault((p.setting, p.estimator, p.protocol), {})[p.metric] = p
-    lines = ["| setting | estimator | protocol | Spearman [95% CI] | min | Pearson [95% CI] | n | ceiling | "
-             "Spearman / ceiling | time s | peak MiB | device |", "|" + "---|" * 12]
+    lines = ["| setting | estimator | protocol | Spearman [95% CI] | min | Pearson [95% CI] | top-k overlap [95% CI] | "
+             "n | ceiling (reliability) | Spearman / ceiling | time s | peak MiB | device |", "|" + "---|" * 13]
     for (setting, est, proto), ms in rows.items():
         p0 = next(iter(ms.values()))
         if p0.status != "ok":
             lines.append(f"| {setting} | {est} | {proto} | {p0.status}: {p0.message.splitlines()[0][:80] if p0.message else ''}"
-                         " |  |  |  |  |  |  |  |  |")
+                         " |  |  |  |  |  |  |  |  |  |")
             continue
 
         def cell(m):
             p = ms.get(m)
             if p is None or p.value is None:
                 return "n/a"
+            if p.ci_low is None or p.ci_high is None or not (math.isfinite(p.ci_low) and math.isfinite(p.ci_high)):
+                return f"{p.value:.3f} (no CI)"
             return f"{p.value:.3f} [{_fmt(p.ci_low)}, {_fmt(p.ci_high)}]"
+
+        def ceiling():
+            c, r = p0.noise_ceiling, p0.noise_reliability
+            if c is None or not math.isfinite(c):
+                return "unmeasured"
+            return f"{c:.2f} ({r:.2f})" if r is not None and math.isfinite(r) else f"{c:.2f}"
 
         sp = ms.get("spearman")
         frac = _fmt(sp.value / p0.noise_ceiling if sp and sp.value is not None and p0.noise_ceiling else None, ".2f")
         lines.append(f"| {setting} | {est} | {proto} | {cell('spearman')} | {_fmt(sp.min if sp else None)} | "
-                     f"{cell('pearson')} | {p0.n_test} | {p0.noise_ceiling:.2f} | {frac} | "
+                     f"{cell('pearson')} | {cell('topk-overlap')} | {p0.n_test} | {ceiling()} | {frac} | "
                      f"{_fmt(p0.wall_time_s, '.2f')} | {_fmt(p0.peak_memory_mb, '.0f')} | {p0.device} |")
     return lines
 
@@ -80,8 +89,11 @@ def write_report(runs: list[Run], out: Path) -> Path:
                ("Curvature: top Hessian eigenvalue vs depth", "curvature.png", plots.curvature, {}),
                ("Cost vs fidelity", "time_vs_fidelity.png", plots.time_vs_fidelity, {})]
     md = ["# influence-bench report", "",
-          "Scores: mean over test points with bootstrap 95% CI; the noise ceiling is the best score any "
-          "estimator can reach (1 for deterministic ground truth). Sign convention and protocols: README.md.", "",
+          "Scores: mean over test points with a Student t 95% CI. The noise ceiling is the correlation an estimator "
+          "can at best reach against noisy ground truth, sqrt of the replicates' split-half reliability (shown in "
+          "brackets; 1 for deterministic ground truth); each figure draws each setting's own ceiling. Top-k overlap: "
+          "the share of the k removals predicted to raise the test loss most that are among the k that actually "
+          "did (k = min(10, m // 4)). Definitions: docs/protocol.md.", "",
           "## Runs", "", *run_table(runs), ""]
     for title, name, fn, kw in figures:
         md += [f"## {title}", ""]

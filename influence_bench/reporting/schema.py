@@ -3,17 +3,25 @@ validation on load and upgrades from older ``schema_version``s.
 
 A run file is JSON::
 
-    {"schema_version": 2, "created": ISO-8601, "tier": "smoke" | null,
+    {"schema_version": 3, "created": ISO-8601, "tier": "smoke" | null,
      "machine": {"torch", "cuda", "device_name", "cpu_count", ...},
      "commit": {"sha": str | null, "dirty": bool | null},
+     "selected": [{"estimator", "setting", "mode", "protocols": [...]}, ...],   (optional)
      "cases": [Case, ...], ...}
 
-Unknown top-level keys are kept (``Run.extra``); unknown case keys are ignored. History:
+``selected`` (written by the pytest plugin and ``influence-bench score``) lists what the run set out
+to score, so the regression gate can tell a case that was selected but produced no result from one a
+``-k`` slice left out; an entry may carry ``not_run``, the reason it produced no case (e.g. its data
+is missing). Unknown top-level keys are kept (``Run.extra``); unknown case keys are ignored. History:
 
 * v1: cases without ``device`` and ``setting_info``; ``tier`` optional.
 * v2: ``device`` and ``setting_info`` (dataset, family, depth, width, weight_decay) per case,
   ``tier`` always present (null when unknown). v1 files are upgraded on load: ``device`` is
   ``"cpu"`` when the machine had no CUDA, else ``"unknown"``; ``setting_info`` is empty.
+* v3: ``noise_ceiling`` is the attainable correlation ``sqrt(reliability)`` and ``noise_reliability``
+  the split-half reliability beside it (up to v2, ``noise_ceiling`` held the reliability itself).
+  v2 files are upgraded on load: ``noise_reliability`` = the old ``noise_ceiling``, ``noise_ceiling``
+  = its square root (null stays null).
 
 This module imports neither torch nor the runner, so reading results is cheap.
 """
@@ -27,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "error", "skipped")
 MACHINE_KEYS = ("torch", "cuda", "device_name", "cpu_count")
 
@@ -41,10 +49,14 @@ class Case:
     """One (estimator, setting, protocol, metric) result; ``status`` is ok | error | skipped.
 
     ``value`` is the mean over test points of ``metric`` (``None`` when undefined), ``ci_low`` /
-    ``ci_high`` its bootstrap 95% CI, ``per_test`` the per-test-point values (order of ``test_idx``),
+    ``ci_high`` its Student t 95% CI (``None`` with fewer than two defined test points), ``per_test``
+    the per-test-point values (order of ``test_idx``),
     ``wall_time_s`` the estimator's time on the setting, ``peak_memory_mb`` the peak while it ran
     (RSS high-water mark on Linux CPUs, reset before the call; ``torch.cuda.max_memory_allocated``
     on GPU; see ``measure.py``), ``extra_memory_mb`` that peak minus what was in use at the start.
+    ``noise_reliability`` is the split-half reliability of the ground truth (Spearman-Brown; 1 for
+    deterministic retraining) and ``noise_ceiling`` the correlation attainable against it,
+    ``sqrt(noise_reliability)`` (``metrics.attainable_correlation``).
     """
 
     estimator: str
@@ -65,6 +77,7 @@ class Case:
     per_test: list = field(default_factory=list)
     test_idx: list = field(default_factory=list)
     noise_ceiling: float | None = 1.0  # NaN in memory (null in JSON): unmeasured (one replicate of a stochastic recipe)
+    noise_reliability: float | None = 1.0  # the same NaN/null rule
     wall_time_s: float | None = None
     peak_memory_mb: float | None = None
     extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started
@@ -140,8 +153,9 @@ def case_from_json(d: Any, where: str) -> Case:
             continue
         _check(f"{where}.{name}", d[name], str(f.type))
         kw[name] = d[name]
-    if kw.get("noise_ceiling", 1.0) is None:
-        kw["noise_ceiling"] = float("nan")
+    for name in ("noise_ceiling", "noise_reliability"):
+        if kw.get(name, 1.0) is None:
+            kw[name] = float("nan")
     case = Case(**kw)
     if case.status not in STATUSES:
         raise RunFileError(f"{where}.status: {case.status!r} is not one of {', '.join(STATUSES)}")
@@ -162,7 +176,34 @@ def _upgrade_v1(doc: dict) -> dict:
     return doc
 
 
-UPGRADES = {1: _upgrade_v1}  # version -> function returning the doc at version + 1
+def _upgrade_v2(doc: dict) -> dict:
+    def case(c):
+        if not isinstance(c, dict) or "noise_reliability" in c:
+            return c
+        r = c.get("noise_ceiling", 1.0)
+        if not _is(r, "float"):  # null stays null; anything else is reported by validation
+            return {**c, "noise_reliability": r}
+        return {**c, "noise_reliability": r, "noise_ceiling": math.sqrt(min(max(r, 0.0), 1.0))}
+
+    doc = {**doc, "schema_version": 3}
+    if isinstance(doc["cases"], list):
+        doc["cases"] = [case(c) for c in doc["cases"]]
+    return doc
+
+
+def _check_selected(selected: Any) -> None:
+    _check("selected", selected, "list")
+    for i, e in enumerate(selected):
+        _check(f"selected[{i}]", e, "dict")
+        for key, ann in (("estimator", "str"), ("setting", "str"), ("mode", "str"), ("protocols", "list")):
+            if key not in e:
+                raise RunFileError(f"selected[{i}]: missing field {key!r}")
+            _check(f"selected[{i}].{key}", e[key], ann)
+        if "not_run" in e:
+            _check(f"selected[{i}].not_run", e["not_run"], "str")
+
+
+UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}  # version -> function returning the doc at version + 1
 
 
 def run_from_json(doc: Any, path: Path | str | None = None) -> Run:
@@ -195,6 +236,8 @@ def run_from_json(doc: Any, path: Path | str | None = None) -> Run:
                 raise RunFileError(f"commit: missing field {key!r}")
         _check("commit.sha", doc["commit"]["sha"], "str | None")
         _check("commit.dirty", doc["commit"]["dirty"], "bool | None")
+        if "selected" in doc:
+            _check_selected(doc["selected"])
         cases = [case_from_json(c, f"cases[{i}]") for i, c in enumerate(doc["cases"])]
     except RunFileError as exc:
         raise RunFileError(f"run file {name}: {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Iterable
 
@@ -38,8 +39,10 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
         s, p = rows[key].get("spearman"), rows[key].get("pearson")
 
         def cell(c):
-            if c is None or c.value is None:
+            if c is None or c.value is None or not math.isfinite(c.value):
                 return f"{'n/a':<24}"
+            if c.ci_low is None or c.ci_high is None or not (math.isfinite(c.ci_low) and math.isfinite(c.ci_high)):
+                return f"{c.value:6.3f} [no CI]".ljust(24)  # fewer than two defined test points
             return f"{c.value:6.3f} [{c.ci_low:6.3f},{c.ci_high:6.3f}]".ljust(24)
 
         verdict = (verdicts or {}).get(key, "")

@@ -37,9 +37,10 @@ def topk_removals(influence: np.ndarray, k: int) -> np.ndarray:
 
 def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTruthStore | None = None
             ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(predicted, actual, noise ceiling): each array ``[n_test, m]``, the removed points' predicted and
-    retrained changes; the ceiling of that ground truth (1 for deterministic retraining, the replicates'
-    split-half agreement over these removals for a stochastic one)."""
+    """(predicted, actual, reliability): each array ``[n_test, m]``, the removed points' predicted and
+    retrained changes; the reliability of that ground truth (1 for deterministic retraining, the
+    replicates' Spearman-Brown corrected split-half agreement over these removals for a stochastic
+    one; the store's ``noise_ceiling`` holds it). The runner reports ``sqrt`` of it as the ceiling."""
     if protocol == "loo-fixed":
         removed = fixed_removals(ctx)
         gt = build(ctx, "loo", removed, store, cols=ctx.test_idx)

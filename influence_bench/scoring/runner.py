@@ -72,13 +72,17 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     info = setting_info(ctx) if info is None else info  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:
-        predicted, actual, ceiling = compared[p]
+        # the ground truth's noise_ceiling is the replicates' split-half reliability (metrics.split_half_ceiling,
+        # stored under that name); the ceiling on a correlation is its square root
+        predicted, actual, reliability = compared[p]
+        ceiling = metrics.attainable_correlation(reliability)
         for m, fn in metrics.METRICS.items():
             agg = metrics.aggregate(fn(predicted, actual))
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
-                              noise_ceiling=ceiling, wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
+                              noise_ceiling=ceiling, noise_reliability=float(reliability),
+                              wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
                               diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
     return cases

@@ -29,6 +29,19 @@ class ScoringSession:
         self.start = tally.snapshot() if start is None else start  # the whole session's work counts from here
         self.shipped_violations: list[str] = []
         self.run_path: Path | None = None
+        self.selected: list[dict] = []  # what the front-end set out to score (the run file's ``selected``)
+
+    def select(self, estimator: str, setting: Setting, protocols: tuple[str, ...] | None = None) -> None:
+        """Record that ``estimator`` on ``setting`` was selected, so that the regression gate can tell
+        a case that produced no result from one this run did not select (``reporting/gates.py``)."""
+        self.selected.append({"estimator": estimator, "setting": setting.id, "mode": setting.ground_truth.mode,
+                              "protocols": list(protocols or setting.protocol.default)})
+
+    def not_run(self, estimator: str, setting: Setting, reason: str) -> None:
+        """Record why a selected (estimator, setting) produced no case (e.g. its data is missing)."""
+        for e in self.selected:
+            if (e["estimator"], e["setting"], e["mode"]) == (estimator, setting.id, setting.ground_truth.mode):
+                e["not_run"] = reason.strip().splitlines()[0][:200] if reason.strip() else "(no reason given)"
 
     def evaluate(self, estimator: str, setting: Setting, protocols: tuple[str, ...] | None = None
                  ) -> tuple[list[Case], str | None]:
@@ -59,9 +72,11 @@ class ScoringSession:
         return fidelity_table(self.cases + list(reference), verdicts)
 
     def write_run(self, results_dir: Path, extra: dict | None = None) -> Path | None:
+        """Write the run file (with ``selected`` when anything was recorded by ``select``)."""
         if not self.cases:
             return None
-        self.run_path = write_run(new_run_path(Path(results_dir)), self.cases, extra=extra or {})
+        extra = {**(extra or {}), **({"selected": self.selected} if self.selected else {})}
+        self.run_path = write_run(new_run_path(Path(results_dir)), self.cases, extra=extra)
         return self.run_path
 
     def work_summary(self) -> str:
