@@ -45,6 +45,8 @@ class Case:
     ``wall_time_s`` the estimator's time on the setting, ``peak_memory_mb`` the peak while it ran
     (RSS high-water mark on Linux CPUs, reset before the call; ``torch.cuda.max_memory_allocated``
     on GPU; see ``measure.py``), ``extra_memory_mb`` that peak minus what was in use at the start.
+    ``n_unconverged_excluded``: removed points whose retrained model did not reach its convergence
+    criterion, left out of the scored removals (run files without the field read as 0).
     """
 
     estimator: str
@@ -65,6 +67,7 @@ class Case:
     per_test: list = field(default_factory=list)
     test_idx: list = field(default_factory=list)
     noise_ceiling: float | None = 1.0  # NaN in memory (null in JSON): unmeasured (one replicate of a stochastic recipe)
+    n_unconverged_excluded: int = 0  # removals (LDS: subsets) left out: their retraining did not converge
     wall_time_s: float | None = None
     peak_memory_mb: float | None = None
     extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started
