@@ -120,9 +120,9 @@ def test_compare_on_shipped_ground_truth_is_finite_and_identical(ctx, out, tmp_p
     influence, _ = run_estimator(REGISTRY.create("exact"), ctx)
     counting.clear()
     for protocol in ("loo-fixed", "loo-topk"):
-        p1, a1, c1 = compare(influence, ctx, protocol, GroundTruthStore(tmp_path / f"fresh-{protocol}", shipped=out))
+        p1, a1, c1, *_ = compare(influence, ctx, protocol, GroundTruthStore(tmp_path / f"fresh-{protocol}", shipped=out))
         assert np.isfinite(a1).all() and c1 == 1.0  # deterministic retraining
-        p2, a2, _ = compare(influence, ctx, protocol, GroundTruthStore(tmp_path / "full", shipped=None))
+        p2, a2, *_ = compare(influence, ctx, protocol, GroundTruthStore(tmp_path / "full", shipped=None))
         np.testing.assert_array_equal(a1, a2)
         np.testing.assert_array_equal(p1, p2)
     assert sum(counting, []) == sorted(sum(counting, [])) == list(range(ctx.n_train))  # only the "full" store

@@ -1,4 +1,4 @@
-"""``influence-bench ground-truth build | verify | info`` (and ``ship``: ``cli_ship.py``)."""
+"""``influence-bench ground-truth build | verify | info | convergence`` (and ``ship``: ``cli_ship.py``)."""
 
 from __future__ import annotations
 
@@ -109,6 +109,19 @@ def _info(args) -> int:
     return 0
 
 
+def _convergence(args) -> int:
+    from influence_bench.api.loading import get_context
+    from influence_bench.groundtruth import GroundTruthStore
+    from influence_bench.groundtruth.convergence import HEADER, convergence
+
+    store = GroundTruthStore(args.root) if args.root else GroundTruthStore()
+    settings = [catalog.get_setting(s) for s in args.settings] if args.settings else catalog.select(tier=args.tier)
+    print(HEADER)
+    for s in settings:
+        print(convergence(get_context(s, args.device), store).line())
+    return 0
+
+
 def add_parser(sub) -> None:
     gt = sub.add_parser("ground-truth", help="build, verify or inspect stored ground truth")
     gsub = gt.add_subparsers(dest="gt_command", required=True)
@@ -139,6 +152,12 @@ def add_parser(sub) -> None:
     i = gsub.add_parser("info", parents=[common], help="what is stored for a setting")
     i.add_argument("setting", metavar="SETTING")
     i.set_defaults(func=_info)
+
+    c = gsub.add_parser("convergence", parents=[common],
+                        help="how far the stored loo ground truth converged (shipped root and cache)")
+    c.add_argument("settings", nargs="*", metavar="SETTING", help="default: every setting of --tier")
+    c.add_argument("--tier", default="smoke")
+    c.set_defaults(func=_convergence)
 
     from influence_bench.cli import ship as cli_ship
 

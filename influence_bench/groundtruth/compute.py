@@ -9,7 +9,7 @@ import torch
 from influence_bench import metrics
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import engine, lds
-from influence_bench.groundtruth.entries import Entries
+from influence_bench.groundtruth.entries import Entries, combine_flags, convergence_flags
 from influence_bench.groundtruth.lds import DEFAULT, LdsSpec, subset_masks
 
 
@@ -31,7 +31,8 @@ def combine(replicates: list[Entries]) -> Entries:
     ceiling = metrics.noise_ceiling(deltas.transpose(0, 2, 1)) if len(first.ids) > 2 else float("nan")
     return Entries(first.ids, deltas.mean(0), np.nanmax(np.stack([e.grad_norm for e in replicates]), 0)
                    if np.isfinite(first.grad_norm).any() else first.grad_norm,
-                   first.steps, noise_ceiling=ceiling, cols=first.cols)
+                   first.steps, noise_ceiling=ceiling, cols=first.cols,
+                   converged=combine_flags([e.converged for e in replicates]))
 
 
 def compute_lds(ctx: Context, ids: np.ndarray, spec: LdsSpec = DEFAULT, chunk: int = 128, replicate: int = 0) -> Entries:
@@ -48,4 +49,4 @@ def compute_lds(ctx: Context, ids: np.ndarray, spec: LdsSpec = DEFAULT, chunk: i
     losses = engine.test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()
     return Entries(ids, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy(),
-                   noise_ceiling=engine.NOISE_CEILING)
+                   noise_ceiling=engine.NOISE_CEILING, converged=convergence_flags(res.converged[1:].cpu().numpy()))

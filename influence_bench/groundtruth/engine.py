@@ -32,7 +32,7 @@ from influence_bench.groundtruth.common import (  # noqa: F401
     removal_weights,
     test_losses,
 )
-from influence_bench.groundtruth.entries import Entries
+from influence_bench.groundtruth.entries import Entries, convergence_flags
 from influence_bench.groundtruth.recipes import (  # noqa: F401
     CEILING_METHOD,
     ENGINE_VERSION,
@@ -94,4 +94,5 @@ def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool =
     res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched, replicate=replicate)
     losses = test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()
-    return Entries(removed, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy())
+    return Entries(removed, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy(),
+                   converged=convergence_flags(res.converged[1:].cpu().numpy()))

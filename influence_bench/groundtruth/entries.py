@@ -6,7 +6,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ARRAYS = ("ids", "delta", "grad_norm", "steps")
+ARRAYS = ("ids", "delta", "grad_norm", "steps", "converged")
+OPTIONAL = ("converged",)  # arrays that shards written before them lack
+
+# ``converged`` per row: the retrained model met its recipe's stopping criterion (warm Newton: the
+# gradient-norm tolerance; minibatch recipes run a fixed horizon and count as converged by
+# definition), did not (it hit the step budget), or is unknown (a shard written before the flag).
+CONVERGED, UNCONVERGED, UNKNOWN = 1, 0, -1
+
+
+def convergence_flags(converged, n: int | None = None) -> np.ndarray:
+    """``int8`` flags from booleans (or from nothing: ``n`` rows of ``UNKNOWN``)."""
+    if converged is None:
+        return np.full(n, UNKNOWN, np.int8)
+    return np.where(np.asarray(converged, bool), CONVERGED, UNCONVERGED).astype(np.int8)
+
+
+def combine_flags(flags: list[np.ndarray]) -> np.ndarray:
+    """Flags of rows averaged over replicates: unconverged if any replicate is, else unknown if any is."""
+    f = np.stack(flags)
+    return np.where((f == UNCONVERGED).any(0), UNCONVERGED, f.min(0)).astype(np.int8)
 
 
 class MissingColumns(KeyError):
@@ -24,12 +43,23 @@ class Entries:
     steps: np.ndarray  # [k]
     noise_ceiling: float = 1.0
     cols: np.ndarray | None = None  # test-set columns ``delta`` holds, in order; None = all of them
+    converged: np.ndarray | None = None  # [k] int8 CONVERGED / UNCONVERGED / UNKNOWN (None: all unknown)
+
+    def __post_init__(self):
+        if self.converged is None:
+            self.converged = convergence_flags(None, len(self.ids))
+        self.converged = np.asarray(self.converged, np.int8)
+
+    @property
+    def unconverged(self) -> np.ndarray:
+        """[k] bool: rows known not to have converged (unknown rows are not)."""
+        return self.converged == UNCONVERGED
 
     @classmethod
     def empty(cls, n_test: int, cols: np.ndarray | None = None) -> "Entries":
         width = n_test if cols is None else len(cols)
         return cls(np.zeros(0, np.int64), np.zeros((0, width)), np.zeros(0), np.zeros(0, np.int64),
-                   cols=None if cols is None else np.asarray(cols, np.int64))
+                   cols=None if cols is None else np.asarray(cols, np.int64), converged=np.zeros(0, np.int8))
 
     def same_cols(self, other: "Entries") -> bool:
         if self.cols is None or other.cols is None:
@@ -41,13 +71,17 @@ class Entries:
         if not self.same_cols(other):
             raise ValueError("cannot merge ground-truth entries holding different test columns; restrict() both first")
         keep = ~np.isin(self.ids, other.ids)
-        return Entries(*(np.concatenate([getattr(self, f)[keep], getattr(other, f)]) for f in ARRAYS),
-                       noise_ceiling=min(self.noise_ceiling, other.noise_ceiling), cols=self.cols)
+        ids, delta, grad_norm, steps, converged = (np.concatenate([getattr(self, f)[keep], getattr(other, f)])
+                                                   for f in ARRAYS)
+        return Entries(ids, delta, grad_norm, steps, noise_ceiling=min(self.noise_ceiling, other.noise_ceiling),
+                       cols=self.cols, converged=converged)
 
     def select(self, ids: np.ndarray) -> "Entries":
         pos = {int(r): k for k, r in enumerate(self.ids)}
         rows = [pos[int(r)] for r in ids]
-        return Entries(*(getattr(self, f)[rows] for f in ARRAYS), noise_ceiling=self.noise_ceiling, cols=self.cols)
+        ids, delta, grad_norm, steps, converged = (getattr(self, f)[rows] for f in ARRAYS)
+        return Entries(ids, delta, grad_norm, steps, noise_ceiling=self.noise_ceiling, cols=self.cols,
+                       converged=converged)
 
     def covers(self, cols: np.ndarray | None) -> bool:
         if self.cols is None:
@@ -72,7 +106,7 @@ class Entries:
                 raise MissingColumns(f"ground-truth entries lack test columns {lacking[:10]} "
                                      f"(they hold {self.cols.tolist()})")
             delta = self.delta[:, [pos[int(c)] for c in cols]]
-        return Entries(self.ids, delta, self.grad_norm, self.steps, self.noise_ceiling, cols.copy())
+        return Entries(self.ids, delta, self.grad_norm, self.steps, self.noise_ceiling, cols.copy(), self.converged)
 
     def lookup(self, ids: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
         """``delta`` of ``ids`` at test columns ``cols`` (None: every column; an error for partial entries)."""

@@ -45,7 +45,7 @@ from influence_bench.api.context import Context
 from influence_bench.curvature import linear as linear_fastpath
 from influence_bench.curvature import products as curvature
 from influence_bench.groundtruth import common
-from influence_bench.groundtruth.store import Entries
+from influence_bench.groundtruth.entries import Entries, convergence_flags
 from influence_bench.models.flat import FlatModel
 from influence_bench.training.newton import BatchedObjective, NewtonResult, Preconditioner, newton_cg_batched
 
@@ -151,14 +151,16 @@ def compute(ctx: Context, removed: np.ndarray, chunk: int = 128) -> Entries:
     removed = np.asarray(removed, dtype=np.int64)
     proximity(ctx)
     base = common.test_losses(ctx, ctx.theta[None])[0]
-    deltas, norms, steps = [], [], []
+    deltas, norms, steps, conv = [], [], [], []
     for s in range(0, len(removed), chunk):
         rem = removed[s:s + chunk]
         res = retrain_weights(ctx, common.removal_weights(ctx.n_train, rem, ctx.dtype, ctx.device))
         deltas.append((common.test_losses(ctx, res.theta) - base).cpu().numpy())
         norms.append(res.grad_norm.cpu().numpy())
         steps.append(res.steps.cpu().numpy())
+        conv.append(res.converged.cpu().numpy())
     n_test = int(ctx.data.x_test.shape[0])
     if not deltas:
         return Entries.empty(n_test)
-    return Entries(removed, np.concatenate(deltas), np.concatenate(norms), np.concatenate(steps))
+    return Entries(removed, np.concatenate(deltas), np.concatenate(norms), np.concatenate(steps),
+                   converged=convergence_flags(np.concatenate(conv)))

@@ -4,7 +4,8 @@ Layout: ``<root>/<setting id>/<mode>-<kind>-<key>/`` where ``key`` hashes (setti
 ground-truth config, data fingerprint, engine version), so anything that changes the numbers
 changes the folder. Inside, ``manifest.json`` (what the key hashes) and shards
 ``shard-*.npz``: each holds rows ``ids`` (removed index for ``loo``, subset number for ``lds``),
-``delta [k, n_test_all]``, ``grad_norm``, ``steps`` and a ``meta`` JSON string with the sha256
+``delta [k, n_test_all]``, ``grad_norm``, ``steps``, ``converged`` (int8 1 / 0; shards written
+before it lack it and load as unknown, -1) and a ``meta`` JSON string with the sha256
 of every array, verified on load. A build writes one shard per chunk of models (temp file +
 rename), so a killed build loses at most the chunk in flight. An unreadable, truncated or
 mismatching shard is reported (a warning naming its path), renamed ``*.corrupt`` and its rows
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from influence_bench.groundtruth.entries import ARRAYS, Entries, MissingColumns  # noqa: F401  (re-exported)
+from influence_bench.groundtruth.entries import ARRAYS, OPTIONAL, Entries, MissingColumns  # noqa: F401  (re-exported)
 from influence_bench.hashing import hash_json, sha256_array  # noqa: F401  (re-exported)
 from influence_bench.paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
@@ -140,7 +141,7 @@ class GroundTruthStore:
         try:
             z = read_npz(p)
             meta = json.loads(str(z["meta"]))
-            arrays = {f: z[f] for f in ARRAYS + (("cols",) if "cols" in z else ())}
+            arrays = {f: z[f] for f in ARRAYS + ("cols",) if f in z or f not in OPTIONAL + ("cols",)}
         except Exception as exc:  # truncated / not an npz / missing keys / bad JSON
             raise CorruptGroundTruth(f"ground-truth shard {p} is unreadable ({type(exc).__name__}: {exc})") from exc
         if meta.get("key") != key.digest:
@@ -159,8 +160,12 @@ class GroundTruthStore:
         if arrays["delta"].shape != (k, width) or not np.isfinite(arrays["delta"]).all():
             raise CorruptGroundTruth(f"ground-truth shard {p}: delta has shape {arrays['delta'].shape}, "
                                      f"expected ({k}, {width}), or non-finite values")
+        converged = arrays.get("converged")  # absent from shards written before it: unknown
+        if converged is not None and (converged.shape != (k,) or not np.isin(converged, (-1, 0, 1)).all()):
+            raise CorruptGroundTruth(f"ground-truth shard {p}: invalid convergence flags")
         return Entries(arrays["ids"].astype(np.int64), arrays["delta"], arrays["grad_norm"],
-                       arrays["steps"].astype(np.int64), noise_ceiling=float(meta.get("noise_ceiling", 1.0)), cols=cols)
+                       arrays["steps"].astype(np.int64), noise_ceiling=float(meta.get("noise_ceiling", 1.0)), cols=cols,
+                       converged=converged)
 
     @staticmethod
     def _quarantine(p: Path, exc: Exception) -> None:
@@ -178,7 +183,8 @@ class GroundTruthStore:
         """(arrays, meta) of one shard: float64 ``delta``, a ``cols`` array for column-subset entries,
         and the sha256 of every array in ``meta``."""
         arrays = {"ids": np.asarray(entries.ids, np.int64), "delta": np.asarray(entries.delta, np.float64),
-                  "grad_norm": np.asarray(entries.grad_norm, np.float64), "steps": np.asarray(entries.steps, np.int64)}
+                  "grad_norm": np.asarray(entries.grad_norm, np.float64), "steps": np.asarray(entries.steps, np.int64),
+                  "converged": np.asarray(entries.converged, np.int8)}
         if entries.cols is not None:
             arrays["cols"] = np.asarray(entries.cols, np.int64)
         meta = {"key": key.digest, "kind": key.kind, "mode": key.mode, "n_test": key.n_test,
@@ -227,4 +233,5 @@ class GroundTruthStore:
         return {"path": str(self.dir(key)), "kind": key.kind, "mode": key.mode, "key": key.digest[:16],
                 "entries": int(len(e.ids)), "shards": len(shards),
                 "bytes": int(sum(p.stat().st_size for p in shards)), "noise_ceiling": e.noise_ceiling,
-                "max_grad_norm": float(e.grad_norm.max()) if len(e.ids) else None}
+                "max_grad_norm": float(e.grad_norm.max()) if len(e.ids) else None,
+                "unconverged": int(e.unconverged.sum()), "convergence_unknown": int((e.converged == -1).sum())}

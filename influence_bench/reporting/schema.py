@@ -57,6 +57,8 @@ class Case:
     ``noise_reliability`` is the split-half reliability of the ground truth (Spearman-Brown; 1 for
     deterministic retraining) and ``noise_ceiling`` the correlation attainable against it,
     ``sqrt(noise_reliability)`` (``metrics.attainable_correlation``).
+    ``n_unconverged_excluded``: removed points whose retrained model did not reach its convergence
+    criterion, left out of the scored removals (run files without the field read as 0).
     """
 
     estimator: str
@@ -78,6 +80,7 @@ class Case:
     test_idx: list = field(default_factory=list)
     noise_ceiling: float | None = 1.0  # NaN in memory (null in JSON): unmeasured (one replicate of a stochastic recipe)
     noise_reliability: float | None = 1.0  # the same NaN/null rule
+    n_unconverged_excluded: int = 0  # removals (LDS: subsets) left out: their retraining did not converge
     wall_time_s: float | None = None
     peak_memory_mb: float | None = None
     extra_memory_mb: float | None = None  # the peak minus the memory in use when the estimator started

@@ -11,10 +11,16 @@ def _fmt(v, spec=".3f") -> str:
     return "  n/a" if v is None else format(v, spec)
 
 
+def _excluded(case) -> str:
+    n = getattr(case, "n_unconverged_excluded", 0)
+    return f" ~{n}" if n else ""
+
+
 def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
     """One row per (setting, estimator, protocol): Spearman and Pearson mean [95% CI], min, time.
 
     ``verdicts`` maps (estimator, setting, protocol) -> "pass"/"FAIL"/"xfail"; shown when given.
+    A ``~K`` after ``n`` says that K removals were left out because their retraining did not converge.
     """
     rows = defaultdict(dict)
     info = {}
@@ -25,7 +31,7 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
     if not rows:
         return "(no fidelity cases)"
     header = f"{'setting':<26} {'estimator':<16} {'protocol':<10} {'spearman [95% CI]':<24} {'min':>6} " \
-             f"{'pearson [95% CI]':<24} {'n':>3} {'ceil':>5} {'time s':>7}  verdict"
+             f"{'pearson [95% CI]':<24} {'n':>3}{'':<5} {'ceil':>5} {'time s':>7}  verdict"
     lines = [header, "-" * len(header)]
     last_setting = None
     for key in sorted(rows):
@@ -47,7 +53,7 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
 
         verdict = (verdicts or {}).get(key, "")
         lines.append(f"{setting if setting != last_setting else '':<26} {est:<16} {proto:<10} {cell(s)} "
-                     f"{_fmt(s.min if s else None, '6.3f'):>6} {cell(p)} {c0.n_test:>3} "
-                     f"{c0.noise_ceiling:5.2f} {_fmt(c0.wall_time_s, '7.2f'):>7}  {verdict}")
+                     f"{_fmt(s.min if s else None, '6.3f'):>6} {cell(p)} {c0.n_test:>3}"
+                     f"{_excluded(c0):<5} {c0.noise_ceiling:5.2f} {_fmt(c0.wall_time_s, '7.2f'):>7}  {verdict}")
         last_setting = setting
     return "\n".join(lines)

@@ -1,9 +1,13 @@
 """The protocols: which training points are removed (``loo-fixed``: every point or a seeded 100,
 shared by all estimators; ``loo-topk``: per test point the k of largest |I| by the estimator under
 test; ``lds``: seeded half-subsets), and how an influence matrix is set against their retrained
-ground truth (``compare``)."""
+ground truth (``compare``). Retrained models that did not converge (``Entries.converged``) are never
+scored: ``compare`` leaves them out and counts them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,27 +39,55 @@ def topk_removals(influence: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-np.abs(influence), axis=1, kind="stable")[:, :k]
 
 
+class Comparison(NamedTuple):
+    """``predicted`` and ``actual`` ``[n_test, m]``: the removed points' predicted and retrained changes;
+    ``keep`` ``[n_test, m]`` (None: every entry) says which entries are scored (False: the retrained
+    model did not converge); ``noise_ceiling`` of that ground truth (1 for deterministic retraining, the
+    replicates' split-half agreement over these removals for a stochastic one);
+    ``n_unconverged_excluded``: how many removals (or LDS subsets) were left out for not converging."""
+
+    predicted: np.ndarray
+    actual: np.ndarray
+    noise_ceiling: float
+    keep: np.ndarray | None = None
+    n_unconverged_excluded: int = 0
+
+
 def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTruthStore | None = None
-            ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(predicted, actual, reliability): each array ``[n_test, m]``, the removed points' predicted and
-    retrained changes; the reliability of that ground truth (1 for deterministic retraining, the
-    replicates' Spearman-Brown corrected split-half agreement over these removals for a stochastic
-    one; the store's ``noise_ceiling`` holds it). The runner reports ``sqrt`` of it as the ceiling."""
+            ) -> Comparison:
+    """The influence matrix against the retrained ground truth of ``protocol`` (see ``Comparison``;
+    its ``noise_ceiling`` is the stored split-half *reliability*: the runner reports its square root)."""
     if protocol == "loo-fixed":
         removed = fixed_removals(ctx)
         gt = build(ctx, "loo", removed, store, cols=ctx.test_idx)
-        return influence[:, removed], gt.delta.T, gt.noise_ceiling
+        ok = ~gt.unconverged
+        return Comparison(influence[:, removed[ok]], gt.delta[ok].T, gt.noise_ceiling, None, int((~ok).sum()))
     if protocol == "loo-topk":
         top = topk_removals(influence, ctx.setting.protocol.topk)
         union = np.unique(top)
         gt = build(ctx, "loo", union, store, cols=ctx.test_idx)  # column j is test point ctx.test_idx[j]
         row = {int(r): k for k, r in enumerate(union)}
-        actual = np.stack([gt.delta[[row[int(i)] for i in top[j]], j] for j in range(len(top))])
+        rows = np.vectorize(lambda i: row[int(i)], otypes=[np.int64])(top) if top.size else top
+        actual = np.stack([gt.delta[rows[j], j] for j in range(len(top))])
         predicted = np.take_along_axis(influence, top, 1)
-        return predicted, actual, gt.noise_ceiling
+        keep = ~gt.unconverged[rows]
+        return Comparison(predicted, actual, gt.noise_ceiling, None if keep.all() else keep,
+                          int(gt.unconverged.sum()))
     if protocol == "lds":  # over subsets: actual change vs summed influence of the left-out points
         gt = build(ctx, "lds", np.arange(lds.DEFAULT.n_subsets), store, cols=ctx.test_idx)
-        return lds.predicted_change(influence, lds.subset_masks(ctx.n_train)), gt.delta.T, gt.noise_ceiling
+        ok = ~gt.unconverged
+        predicted = lds.predicted_change(influence, lds.subset_masks(ctx.n_train))
+        return Comparison(predicted[:, ok], gt.delta[ok].T, gt.noise_ceiling, None, int((~ok).sum()))
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(KNOWN_PROTOCOLS)}")
+
+
+def per_test(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], c: Comparison) -> np.ndarray:
+    """``[n_test]`` values of a row-wise ``metric`` over the scored entries of each test point."""
+    def one(p: np.ndarray, a: np.ndarray) -> np.ndarray:  # undefined (NaN) with fewer than 2 entries left
+        return metric(p, a) if p.shape[-1] >= 2 else np.full(p.shape[:-1], np.nan)
+
+    if c.keep is None:
+        return one(c.predicted, c.actual)
+    return np.array([one(p[k][None], a[k][None])[0] for p, a, k in zip(c.predicted, c.actual, c.keep)])
 
 

@@ -19,7 +19,14 @@ from influence_bench.reporting.schema import (
     setting_shape,
 )
 from influence_bench.scoring.measure import Measurement, measure
-from influence_bench.scoring.protocols import KNOWN_PROTOCOLS, PROTOCOLS, compare, fixed_removals, topk_removals  # noqa: F401
+from influence_bench.scoring.protocols import (  # noqa: F401
+    KNOWN_PROTOCOLS,
+    PROTOCOLS,
+    compare,
+    fixed_removals,
+    per_test,
+    topk_removals,
+)
 from influence_bench.scoring.setting_info import setting_info
 from influence_bench.spec.settings import Setting
 
@@ -74,14 +81,16 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     for p in protocols:
         # the ground truth's noise_ceiling is the replicates' split-half reliability (metrics.split_half_ceiling,
         # stored under that name); the ceiling on a correlation is its square root
-        predicted, actual, reliability = compared[p]
+        c = compared[p]
+        reliability = c.noise_ceiling
         ceiling = metrics.attainable_correlation(reliability)
         for m, fn in metrics.METRICS.items():
-            agg = metrics.aggregate(fn(predicted, actual))
+            agg = metrics.aggregate(per_test(fn, c))
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
                               noise_ceiling=ceiling, noise_reliability=float(reliability),
+                              n_unconverged_excluded=c.n_unconverged_excluded,
                               wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
                               diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))

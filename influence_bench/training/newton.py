@@ -145,7 +145,8 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
                       weight_decay: float, precond: Preconditioner, max_steps: int, grad_tol: float,
                       damping: float = 0.0, cg_iters: int = 30, cg_rtol: float = 1e-10,
                       downdate: torch.Tensor | None = None,
-                      objective: BatchedObjective | None = None) -> NewtonResult:
+                      objective: BatchedObjective | None = None, grad_rtol: float = 0.0,
+                      adaptive: bool = False) -> NewtonResult:
     """Newton steps on each model's own objective, each solved by preconditioned CG.
 
     The step solves ``(H_b(theta_b) + damping I) s = g_b`` with the exact Hessian of model b
@@ -156,6 +157,13 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
     gives each model the Woodbury-corrected preconditioner of ``Downdated``. ``objective`` replaces
     the weighted training objective (``fm``, ``x``, ``y``, ``weight_decay`` are then unused), e.g.
     the proximal Bregman objective of ``groundtruth/pbrf.py``.
+
+    Model b stops once ``||g_b|| <= stop_tol = max(grad_tol, grad_rtol * ||g_b(theta0)||)`` (relative
+    to its own gradient at the start) or after ``max_steps`` steps; ``converged`` says which. With
+    ``adaptive`` the damping is Levenberg-Marquardt's, per model (``_lm_step``): ``damping`` is only
+    where it starts; it falls while the quadratic model predicts the decrease well and rises when it
+    does not, so it ends far below the curvature it would otherwise swamp (the last steps are Newton
+    steps) yet keeps a step from jumping along a flat direction into another basin.
     """
     obj = objective or training_objective(fm, x, y, weight_decay)
     B = weights.shape[0]
@@ -164,12 +172,17 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
     steps = torch.zeros(B, dtype=torch.long, device=theta.device)
     gnorm = torch.full((B,), float("inf"), dtype=theta.dtype, device=theta.device)
     active = torch.ones(B, dtype=torch.bool, device=theta.device)
-    for _ in range(max_steps + 1):
+    lam = torch.full((B,), float(damping), dtype=theta.dtype, device=theta.device)
+    nu = torch.full_like(lam, 2.0)
+    tol = torch.full((B,), float(grad_tol), dtype=theta.dtype, device=theta.device)
+    for k in range(max_steps + 1):
         idx = active.nonzero().squeeze(1)
         g = obj.grads(theta[idx], weights[idx])
         gn = g.norm(dim=1)
         gnorm[idx] = gn
-        done = gn < grad_tol
+        if k == 0:
+            tol = torch.maximum(tol, grad_rtol * gn)
+        done = _done(gn, tol[idx], grad_rtol)
         active[idx[done]] = False
         if not bool(active.any()) or int(steps.max()) >= max_steps:
             break
@@ -177,10 +190,39 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
         # inexact Newton (Eisenstat-Walker forcing): loose solves far from the optimum, tight near it
         rtol = torch.clamp(g.norm(dim=1).sqrt(), max=0.1).clamp_min(cg_rtol)
         solve = precond.solve if per_model is None else (lambda r, idx=idx: per_model.solve_rows(r, idx))
-        s = _pcg(lambda v: obj.hvps(theta[idx], weights[idx], v) + damping * v, g, solve, cg_iters, rtol)
-        theta[idx] -= _armijo(fm, theta[idx], weights[idx], s, g, x, y, weight_decay, value=obj.value)[:, None] * s
+        d = lam[idx, None]
+        s = _pcg(lambda v: obj.hvps(theta[idx], weights[idx], v) + d * v, g, solve, cg_iters, rtol)
+        if adaptive:
+            t, lam[idx], nu[idx] = _lm_step(obj.value, theta[idx], weights[idx], s, g, lam[idx], nu[idx])
+        else:
+            t = _armijo(fm, theta[idx], weights[idx], s, g, x, y, weight_decay, value=obj.value)
+        theta[idx] -= t[:, None] * s
         steps[idx] += 1
-    return NewtonResult(theta, gnorm, steps, gnorm < grad_tol)
+    return NewtonResult(theta, gnorm, steps, _done(gnorm, tol, grad_rtol))
+
+
+def _done(gn: torch.Tensor, tol: torch.Tensor, grad_rtol: float) -> torch.Tensor:
+    """Converged: below the absolute tolerance (strictly, as before) or the relative one (<=)."""
+    return (gn <= tol) if grad_rtol > 0 else (gn < tol)
+
+
+def _lm_step(value, thetas, weights, s, g, lam, nu) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levenberg-Marquardt acceptance and damping update (Nielsen's rule) for the steps ``theta - s``
+    that solve ``(H + lam I) s = g``: the gain ratio ``rho`` of the actual decrease to the one the
+    quadratic model predicts, ``(g.s + lam |s|^2) / 2``, accepts the step (``t = 1``) when positive and
+    scales ``lam`` by ``max(1/3, 1 - (2 rho - 1)^3)``; a rejected step (``t = 0``) multiplies ``lam``
+    by ``nu``, which doubles on every consecutive rejection. A step whose change of the objective is
+    below its rounding is accepted with ``lam`` unchanged. Returns (t, lam, nu)."""
+    f0, f1 = value(thetas, weights), value(thetas - s, weights)
+    pred = 0.5 * ((g * s).sum(1) + lam * (s * s).sum(1))
+    gain = f0 - f1
+    rounding = gain.abs() <= 64 * torch.finfo(f0.dtype).eps * f0.abs()
+    rho = gain / torch.where(pred > 0, pred, torch.ones_like(pred))
+    ok = torch.isfinite(f1) & ((rounding & (pred >= 0)) | ((pred > 0) & (rho > 1e-3)))
+    shrink = torch.clamp(1 - (2 * rho.clamp(0, 1) - 1) ** 3, min=1 / 3)
+    lam_ok = torch.where(rounding, lam, lam * shrink)
+    return (ok.to(thetas.dtype), torch.where(ok, lam_ok, lam * nu),
+            torch.where(ok, torch.full_like(nu, 2.0), nu * 2))
 
 
 def _armijo(fm: FlatModel, thetas, weights, s, g, x, y, weight_decay: float,
@@ -246,28 +288,39 @@ def _pcg(matvec, b: torch.Tensor, solve, iters: int, rtol: torch.Tensor) -> torc
 
 def newton_cg_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x, y,
                          weight_decay: float, precond: Preconditioner, max_steps: int, grad_tol: float,
-                         damping: float = 0.0, cg_iters: int = 30, cg_rtol: float = 1e-10) -> NewtonResult:
+                         damping: float = 0.0, cg_iters: int = 30, cg_rtol: float = 1e-10,
+                         grad_rtol: float = 0.0, adaptive: bool = False) -> NewtonResult:
     """The same iteration one model at a time with plain ``torch.autograd`` (double backward):
     the independent reference that the vmapped engine is tested against."""
-    thetas, norms, steps = [], [], []
+    thetas, norms, steps, tols = [], [], [], []
     for w in weights:
         theta = theta0.clone()
-        k = 0
+        k, tol = 0, None
+        lam, nu = torch.tensor([float(damping)], dtype=theta0.dtype), torch.tensor([2.0], dtype=theta0.dtype)
         while True:
             t = theta.detach().requires_grad_(True)
             g = torch.autograd.grad(curvature.objective(fm, t, x, y, weight_decay, w), t, create_graph=True)[0]
-            if g.norm() < grad_tol or k >= max_steps:
+            if tol is None:
+                tol = max(grad_tol, grad_rtol * float(g.detach().norm()))
+            if bool(_done(g.detach().norm(), torch.tensor(tol), grad_rtol)) or k >= max_steps:
                 break
 
-            def matvec(v, g=g, t=t):
-                return torch.autograd.grad(g, t, v[0], retain_graph=True)[0][None] + damping * v
+            def matvec(v, g=g, t=t, lam=lam):
+                return torch.autograd.grad(g, t, v[0], retain_graph=True)[0][None] + lam * v
 
             rtol = torch.clamp(g.detach().norm().sqrt(), max=0.1).clamp_min(cg_rtol)[None]
             s = _pcg(matvec, g.detach()[None], precond.solve, cg_iters, rtol)
-            theta = theta - _armijo(fm, theta[None], w[None], s, g.detach()[None], x, y, weight_decay)[0] * s[0]
+            if adaptive:
+                step, lam, nu = _lm_step(lambda t, w: weighted_objective(fm, t, w, x, y, weight_decay),
+                                         theta[None], w[None], s, g.detach()[None], lam, nu)
+            else:
+                step = _armijo(fm, theta[None], w[None], s, g.detach()[None], x, y, weight_decay)
+            theta = theta - step[0] * s[0]
             k += 1
         thetas.append(theta.detach())
         norms.append(g.norm().detach())
         steps.append(k)
+        tols.append(tol)
     gn = torch.stack(norms)
-    return NewtonResult(torch.stack(thetas), gn, torch.tensor(steps), gn < grad_tol)
+    return NewtonResult(torch.stack(thetas), gn, torch.tensor(steps),
+                        _done(gn, torch.tensor(tols, dtype=gn.dtype), grad_rtol))
