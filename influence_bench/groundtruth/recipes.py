@@ -18,6 +18,7 @@ before running:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,11 +37,14 @@ from influence_bench.training.newton import NewtonResult, newton_cg_batched, new
 # WARM_NEWTON_VERSION keys warm-newton alone (3: run to a relative gradient tolerance with adaptive
 # Levenberg-Marquardt damping, instead of a fixed number of fixed-damping steps).
 ENGINE_VERSION = "warm-newton-cg/2"
-WARM_NEWTON_VERSION = "warm-newton-cg/3"
+WARM_NEWTON_VERSION = "warm-newton-cg/4"  # 4: no stricter than theta* is stationary (below)
 # warm-newton stops a model once ||grad|| <= max(grad_tol, GRAD_RTOL x ||grad|| at theta*) of its own
 # weighted objective (measured on the Iris MLPs: the control, whose start is theta* itself, reaches
 # ~1e-13; a removal starts at 1e-3..1e-1, so 1e-6 of it is 1e-9..1e-7, far above rounding).
 GRAD_RTOL = 1e-6
+# ... and never stricter than theta* itself is stationary on the full objective (its recorded
+# gradient norm): a retrained model is asked to be a minimiser as good as the one it is compared
+# with. (iris d3 wd 1e-3: theta* at 1.1e-8 after its polish; 1e-6 of a removal's start is below that.)
 MINIBATCH_VERSION = "minibatch/1"  # also part of the store key of minibatch recipes
 # Deterministic recipes (Newton-CG: no data order, no sampling) have identical replicates, so their
 # noise ceiling is 1 by declaration (a test checks two builds are bit-identical). Stochastic
@@ -93,8 +97,9 @@ def _warm_newton(ctx: Context, weights: torch.Tensor, max_steps: int, downdate: 
     kw = dict(damping=gt.damping, cg_iters=gt.cg_iters, grad_rtol=GRAD_RTOL, adaptive=True)
     if batched and downdate is not None:
         kw["downdate"] = downdate
+    tol = max(gt.grad_tol, ctx.train_grad_norm) if math.isfinite(ctx.train_grad_norm) else gt.grad_tol
     return run(ctx.fm, ctx.theta, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, preconditioner(ctx),
-               max_steps, gt.grad_tol, **kw)
+               max_steps, tol, **kw)
 
 
 def _scratch_full_batch(ctx: Context, weights: torch.Tensor, *_, **__) -> NewtonResult:
