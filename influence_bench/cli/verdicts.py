@@ -4,6 +4,7 @@ floors`` (the measured floors, from a baseline run)."""
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -26,7 +27,8 @@ def _mutants(args) -> int:
         print(f"influence-bench mutants: {exc}", file=sys.stderr)
         return 2
     for o in outcomes if args.verbose else []:
-        print(f"{o.mutant}: killed by {', '.join(f'{s} ({p})' for s, _, p in o.failed) or 'nothing'}")
+        killers = ", ".join(f"{s} ({p})" for s, _, p in o.failed) or "nothing"
+        print(textwrap.fill(f"{o.mutant} failed on {len(o.failed)}: {killers}", 100, subsequent_indent="  "))
     print(mutants.table(outcomes))
     return 0 if all(o.killed for o in outcomes) else 1
 

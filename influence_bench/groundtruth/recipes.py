@@ -45,6 +45,9 @@ GRAD_RTOL = 1e-6
 # ... and never stricter than theta* itself is stationary on the full objective (its recorded
 # gradient norm): a retrained model is asked to be a minimiser as good as the one it is compared
 # with. (iris d3 wd 1e-3: theta* at 1.1e-8 after its polish; 1e-6 of a removal's start is below that.)
+# Only a theta* that is a minimiser (||grad|| <= STATIONARY_MAX) sets this floor: one far from it (a
+# barely trained fixture) would make every retraining "converged" before its first step.
+STATIONARY_MAX = 1e-6
 MINIBATCH_VERSION = "minibatch/1"  # also part of the store key of minibatch recipes
 # Deterministic recipes (Newton-CG: no data order, no sampling) have identical replicates, so their
 # noise ceiling is 1 by declaration (a test checks two builds are bit-identical). Stochastic
@@ -97,7 +100,8 @@ def _warm_newton(ctx: Context, weights: torch.Tensor, max_steps: int, downdate: 
     kw = dict(damping=gt.damping, cg_iters=gt.cg_iters, grad_rtol=GRAD_RTOL, adaptive=True)
     if batched and downdate is not None:
         kw["downdate"] = downdate
-    tol = max(gt.grad_tol, ctx.train_grad_norm) if math.isfinite(ctx.train_grad_norm) else gt.grad_tol
+    g_star = ctx.train_grad_norm
+    tol = max(gt.grad_tol, g_star) if math.isfinite(g_star) and g_star <= STATIONARY_MAX else gt.grad_tol
     return run(ctx.fm, ctx.theta, weights, ctx.x_train, ctx.y_train, ctx.weight_decay, preconditioner(ctx),
                max_steps, tol, **kw)
 
