@@ -47,7 +47,7 @@ def test_every_array_has_a_verified_checksum(ctx, tmp_path):
     (shard,) = store.shards(store_key(ctx))
     with np.load(shard, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-    assert set(meta["sha256"]) == {"ids", "delta", "grad_norm", "steps"}
+    assert set(meta["sha256"]) == {"ids", "delta", "grad_norm", "steps", "converged"}
     assert meta["noise_ceiling"] == 1.0 and meta["ceiling_method"] == "deterministic"
 
 

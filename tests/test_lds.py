@@ -42,7 +42,7 @@ def test_subset_ground_truth_equals_independent_scipy_retraining(ctx):
     losses = scipy_logreg_test_losses(ctx, np.stack([np.ones(n), masks[1], masks[3]]).astype(float))
     want = losses[1:] - losses[0]
     got = compute_lds(ctx, np.array([1, 3]), spec)
-    assert got.grad_norm.max() < 1e-10
+    assert (got.converged == 1).all() and got.grad_norm.max() < 1e-9  # warm Newton's criterion (measured 4e-10)
     np.testing.assert_allclose(got.delta, want, atol=1e-7, rtol=1e-5)
 
 

@@ -41,5 +41,7 @@ def test_ground_truth_batched_equals_sequential_on_logistic_regression():
     removed = np.array([2, 40, 77, 118])
     a = engine.compute(ctx, removed, batched=True).delta
     b = engine.compute(ctx, removed, batched=False).delta
-    np.testing.assert_allclose(a, b, atol=1e-9, rtol=0)
+    # both engines stop once the gradient is 1e-6 of its start (recipes.GRAD_RTOL), at iterates that
+    # differ within that tolerance: measured 3e-6 of max |delta| apart (1e-12 when run to 1e-11)
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
     assert np.abs(a).max() > 1e-4

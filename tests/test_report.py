@@ -72,8 +72,10 @@ def test_shape_comes_from_case_then_catalog_else_none():
     assert shape_of(run.cases[0])["width"] == 16
     assert shape_of(run.cases[-1]) is None
     v1 = load_run(V1).cases
+    d4 = next(c for c in v1 if c.setting == "iris-mlp-d4-w16-wd1e-3")
+    assert shape_of(d4)["depth"] == 4  # v1 cases carry no setting_info: the catalog knows the id
     d3 = next(c for c in v1 if c.setting == "iris-mlp-d3-w16-wd1e-3")
-    assert shape_of(d3)["depth"] == 3  # v1 cases carry no setting_info: the catalog knows the id
+    assert shape_of(d3) is None  # ... unless the setting's version moved on since (d3 is v2)
 
 
 def test_report_refuses_a_broken_run_file(tmp_path, capsys):

@@ -23,7 +23,7 @@ import torch
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import engine
 from influence_bench.groundtruth.builder import ChunkHook, build, ceiling_method, compute, replicate_keys
-from influence_bench.groundtruth.entries import Entries
+from influence_bench.groundtruth.entries import UNCONVERGED, Entries
 from influence_bench.groundtruth.store import CorruptGroundTruth, GroundTruthStore, key_dir
 from influence_bench.paths import write_json, write_npz
 
@@ -98,7 +98,14 @@ def check(ctx: Context, root: Path, sample: int = 3, tol: float | None = None, s
         loaded.append(entries)
     if all(e is not None for e in loaded):
         rng = np.random.default_rng(seed)
-        ids = np.sort(rng.choice(loaded[0].ids, size=min(sample, len(loaded[0].ids)), replace=False))
+        # rows whose retraining did not converge are never scored, and where they stopped after the
+        # whole step budget is not reproducible (rounding steers the last of 100 damped steps): the
+        # sample is drawn from the others
+        pool = loaded[0].ids if loaded[0].converged is None else loaded[0].ids[loaded[0].converged != UNCONVERGED]
+        if len(pool) < len(loaded[0].ids):
+            lines.append(f"{ctx.setting.id}: {len(loaded[0].ids) - len(pool)} unconverged entries (never scored) "
+                         "left out of the recomputed sample")
+        ids = np.sort(rng.choice(pool, size=min(sample, len(pool)), replace=False))
         noise = replicate_noise(loaded, ids, ctx.test_idx)
         for r, entries in enumerate(loaded):
             good, line = _recompute(ctx, entries, ids, r, default_tol(ctx, noise) if tol is None else tol, noise)
