@@ -214,6 +214,9 @@ def pytest_benchmark_update_machine_info(config, machine_info) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     """Write the run file and apply the regression gate (runs before the terminal summary)."""
     bench = session.config.stash.get(_KEY, None)
+    if bench is not None and not bench.cases and bench.baseline is not None:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a gate that compared nothing must not pass
+        return
     if bench is None or not bench.cases:
         return
     scoring = bench.scoring
@@ -234,6 +237,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     bench = config.stash.get(_KEY, None)
+    if bench is not None and not bench.cases and bench.baseline is not None:
+        terminalreporter.section("influence-bench regression gate", red=True)
+        terminalreporter.write_line(f"GATE FAILED: no fidelity case produced a result, so nothing was compared with "
+                                    f"{config.getoption('--baseline')} (were the cases deselected, or their data "
+                                    "missing?)", red=True, bold=True)
+        return
     if bench is None or not bench.cases:
         return
     scoring = bench.scoring

@@ -66,3 +66,15 @@ def test_noised_estimator_fails_the_gate_unchanged_reruns_pass(tmp_path):
     assert "1 passed" in noised.stdout  # still better than chance: only the gate catches the drop
     assert "REGRESSIONS: 4" in noised.stdout  # spearman and pearson x loo-fixed and loo-topk
     assert "noised-exact / iris-logreg-wd1e-3 / loo-fixed / warm / spearman" in noised.stdout
+
+
+def test_a_gated_session_in_which_no_case_ran_fails(tmp_path):
+    """`-k` that selects nothing (or data missing everywhere) with --baseline: nothing was compared,
+    so the session fails instead of passing a gate that checked nothing."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "pytest", "suites/test_fidelity.py", "-q", "-p", "no:cacheprovider",
+                          "-k", "no-such-setting", "--rootdir", str(ROOT), "--results-dir", str(tmp_path),
+                          "--baseline", str(ROOT / "results" / "baseline.json")],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "GATE FAILED: no fidelity case produced a result" in out.stdout

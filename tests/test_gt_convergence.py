@@ -113,3 +113,19 @@ def test_convergence_table_of_a_store(capsys, tmp_path):
     assert main(["ground-truth", "convergence", "iris-logreg-wd1e-3", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "max rel" in out and "iris-logreg-wd1e-3" in out and "warm-newton" in out
+
+
+def test_a_constant_prediction_scores_zero_not_undefined():
+    """An estimator returning a constant row where the ground truth varies cannot drop that test
+    point from its mean: it counts as 0 (no ranking); a constant ground truth stays undefined."""
+    import numpy as np
+
+    from influence_bench import metrics
+    from influence_bench.scoring.protocols import Comparison, per_test
+
+    pred = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    act = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
+    got = per_test(metrics.spearman, Comparison(pred, act, 1.0))
+    assert got[0] == 1.0 and got[1] == 0.0 and np.isnan(got[2])
+    agg = metrics.aggregate(got)
+    assert agg.n == 2 and agg.mean == 0.5

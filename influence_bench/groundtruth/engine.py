@@ -94,5 +94,7 @@ def compute(ctx: Context, removed: np.ndarray, chunk: int = 128, batched: bool =
     res = retrain(ctx, np.concatenate([[-1], removed]), chunk=chunk, batched=batched, replicate=replicate)
     losses = test_losses(ctx, res.theta)
     delta = (losses[1:] - losses[0]).cpu().numpy()
+    # every delta is measured against the control: if it did not converge, no row did
+    converged = res.converged[1:].cpu().numpy() & bool(res.converged[0])
     return Entries(removed, delta, res.grad_norm[1:].cpu().numpy(), res.steps[1:].cpu().numpy(),
-                   converged=convergence_flags(res.converged[1:].cpu().numpy()))
+                   converged=convergence_flags(converged))

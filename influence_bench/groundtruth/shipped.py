@@ -23,7 +23,7 @@ import torch
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import engine
 from influence_bench.groundtruth.builder import ChunkHook, build, ceiling_method, compute, replicate_keys
-from influence_bench.groundtruth.entries import UNCONVERGED, Entries
+from influence_bench.groundtruth.entries import UNCONVERGED, UNKNOWN, Entries
 from influence_bench.groundtruth.store import CorruptGroundTruth, GroundTruthStore, key_dir
 from influence_bench.paths import write_json, write_npz
 
@@ -199,16 +199,22 @@ def _recompute(ctx: Context, entries: Entries, ids: np.ndarray, replicate: int, 
     from influence_bench import tally
 
     cols = np.asarray(ctx.test_idx, np.int64)
-    fresh = compute(ctx, "loo", ids, replicate=replicate).lookup(ids, cols)
+    if len(ids) == 0:
+        return False, f"{_label(ctx, replicate)}: no converged entry to recompute: MISMATCH (nothing verified)"
+    again = compute(ctx, "loo", ids, replicate=replicate)
+    fresh = again.lookup(ids, cols)
     tally.add(tally.VERIFIED, ctx.setting.id, len(ids))
     old = entries.lookup(ids, cols)
     rel = float(np.abs(fresh - old).max(initial=0.0) / max(np.abs(old).max(initial=0.0), 1e-300))
-    good = rel <= tol
+    flags_now, flags_then = again.select(ids).converged, entries.select(ids).converged
+    known = (flags_then != UNKNOWN) if flags_then is not None else None  # shards from before the flag
+    same_flags = known is None or flags_now is None or np.array_equal(flags_now[known], flags_then[known])
+    good = rel <= tol and same_flags
     why = f"{NOISE_FRACTION:g} x the replicates' disagreement {noise:.2e}" if noise is not None \
         and engine.stochastic(ctx) else ""
     return good, (f"{_label(ctx, replicate)}: recomputed {len(ids)} from the shipped theta*: max deviation relative "
                   f"to max |delta| {rel:.2e} (tolerance {tol:.2e}{' = ' + why if why else ''}): "
-                  f"{'OK' if good else 'MISMATCH'}")
+                  f"{'' if same_flags else 'converged flags differ; '}{'OK' if good else 'MISMATCH'}")
 
 
 def training_drift(ctx: Context) -> str:

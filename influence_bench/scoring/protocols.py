@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from influence_bench import metrics
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import lds
 from influence_bench.groundtruth.builder import build
@@ -81,10 +82,19 @@ def compare(influence: np.ndarray, ctx: Context, protocol: str, store: GroundTru
     raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(KNOWN_PROTOCOLS)}")
 
 
+CORRELATIONS = (metrics.spearman, metrics.pearson)
+
+
 def per_test(metric: Callable[[np.ndarray, np.ndarray], np.ndarray], c: Comparison) -> np.ndarray:
     """``[n_test]`` values of a row-wise ``metric`` over the scored entries of each test point."""
     def one(p: np.ndarray, a: np.ndarray) -> np.ndarray:  # undefined (NaN) with fewer than 2 entries left
-        return metric(p, a) if p.shape[-1] >= 2 else np.full(p.shape[:-1], np.nan)
+        if p.shape[-1] < 2:
+            return np.full(p.shape[:-1], np.nan)
+        v = metric(p, a)
+        # a constant prediction against a ground truth that varies ranks nothing: it scores 0, not
+        # "undefined", so an estimator cannot leave its hard test points out of its own mean
+        flat = (np.ptp(p, axis=-1) == 0) & (np.ptp(a, axis=-1) > 0)
+        return np.where(flat, 0.0, v) if metric in CORRELATIONS else v
 
     if c.keep is None:
         return one(c.predicted, c.actual)
