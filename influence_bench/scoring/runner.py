@@ -52,7 +52,8 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
 
 
 def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
-                     store: GroundTruthStore | None = None, info: dict | None = None, fresh: bool = True) -> list[Case]:
+                     store: GroundTruthStore | None = None, info: dict | None = None,
+                     fresh: bool = True) -> list[Case]:
     """``evaluate`` on a context built by the caller (e.g. ``loading.build_context`` on generated
     fixture data the setting's hash does not describe). ``info`` replaces the per-setting record of
     ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given.
@@ -63,8 +64,8 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     protocols = tuple(protocols) if protocols else setting.protocol.default
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
-                hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags), setting_info=setting_shape(setting),
-                device=str(ctx.device))
+                hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags),
+                setting_info=setting_shape(setting), device=str(ctx.device))
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one

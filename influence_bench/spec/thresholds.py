@@ -30,8 +30,8 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-STATS = ("mean", "ci_low")
-FIXED_MARGIN = 0.02  # a known failure counts as fixed once it clears its floor by this much  # what a floor bounds: the mean over test points, or its CI's lower bound
+STATS = ("mean", "ci_low")  # what a floor bounds: the mean over test points, or its CI's lower bound
+FIXED_MARGIN = 0.02  # a known failure counts as fixed once it clears its floor by this much
 FILES = ("thresholds.toml", "measured_floors.toml")
 
 
@@ -120,7 +120,8 @@ class Thresholds:
         if measured is not False:
             mpath = None if measured is True else Path(measured)
             mname = mpath.name if mpath else FILES[1]
-            floors += [_floor(f, f"{mname} floor #{k + 1}") for k, f in enumerate(_read(mpath, FILES[1]).get("floor", []))]
+            extra = _read(mpath, FILES[1]).get("floor", [])
+            floors += [_floor(f, f"{mname} floor #{k + 1}") for k, f in enumerate(extra)]
         if "xfail" in raw:
             raise ThresholdsError(f"{name}: [[xfail]] is gone; a known failure is a [[floor]] with known_failure "
                                   "and known_min (strict: it fails when fixed and below known_min)")
