@@ -194,3 +194,20 @@ def test_ship_refuses_to_write_into_the_cache_root(tmp_path, capsys):
     root = tmp_path / "cache" / "ground-truth"
     assert main(["ground-truth", "ship", SID, "--estimator", "exact", "--out", str(root), "--root", str(root)]) == 2
     assert "cannot be the cache root" in capsys.readouterr().err and not root.exists()
+
+
+def test_recomputed_sample_checks_the_converged_flags_and_an_empty_sample_fails(ctx, tmp_path):
+    """A stored flag that the recomputation contradicts (a good row marked unconverged would be
+    dropped from scoring unnoticed) is a mismatch; so is having nothing converged to recompute."""
+    from influence_bench.groundtruth.entries import UNCONVERGED
+
+    ids = np.array([3, 40])
+    stored = build(ctx, "loo", ids, GroundTruthStore(tmp_path / "s", shipped=None), cols=ctx.test_idx)
+    ok, line = shipped._recompute(ctx, stored, ids, 0, 1e-6, None)
+    assert ok and line.endswith("OK"), line
+    stored.converged = stored.converged.copy()
+    stored.converged[0] = UNCONVERGED
+    ok, line = shipped._recompute(ctx, stored, ids, 0, 1e-6, None)
+    assert not ok and "converged flags differ" in line, line
+    ok, line = shipped._recompute(ctx, stored, ids[:0], 0, 1e-6, None)
+    assert not ok and "no converged entry to recompute" in line
