@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from influence_bench.spec.thresholds import Floor, Thresholds
+from influence_bench.spec.thresholds import Floor, Thresholds, stat_of
 
 METRIC = "spearman"
 DEFAULT_MARGIN = 0.1
@@ -49,8 +49,8 @@ def measured_floors(cases, builtins: set[str], general: Thresholds, margin: floa
                          measured=round(c.value, 4)))
         for f in general.floors_for(est, setting, proto, tags):
             m = ms.get(f.metric)
-            got = None if m is None else (m.value if f.stat == "mean" else m.ci_low)
-            if f.known_failure or (got is not None and math.isfinite(got) and got >= f.min):
+            got = stat_of(m, f.stat)
+            if f.known_failure or (got is not None and got >= f.min):
                 continue
             ci = "" if m is None or m.ci_low is None else f" [95% CI {m.ci_low:.3f}, {m.ci_high:.3f}]"
             reason = (f"measured mean {f.metric} {m.value:.3f}{ci} at n_test {m.n_test} fails "

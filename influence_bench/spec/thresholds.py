@@ -145,16 +145,17 @@ class Thresholds:
         return [f for f in got if not covered(f)]
 
 
-def _stat(case, stat: str) -> float | None:
+def stat_of(case, stat: str) -> float | None:
+    """The value a floor bounds (``"mean"`` or ``"ci_low"``) of a case; None when missing or not finite."""
     v = None if case is None else (case.value if stat == "mean" else case.ci_low)
     return None if v is None or not math.isfinite(v) else float(v)
 
 
 def _line(est: str, setting: str, proto: str, f: Floor, c) -> str:
-    mean, low = _stat(c, "mean"), _stat(c, "ci_low")
+    mean, low = stat_of(c, "mean"), stat_of(c, "ci_low")
     ci = "n/a" if c is None or low is None or c.ci_high is None else f"[{low:.3f}, {c.ci_high:.3f}]"
     worst = "n/a" if c is None or c.min is None else f"{c.min:.3f}"
-    got = _stat(c, f.stat)
+    got = stat_of(c, f.stat)
     return (f"{est} on {setting} ({proto}): {f.stat.replace('_', ' ')} {f.metric} = "
             f"{'n/a' if got is None else format(got, '.4f')} < floor {f.min:g} (mean "
             f"{'n/a' if mean is None else format(mean, '.4f')}, 95% CI {ci}, min over test points {worst}, "
@@ -184,7 +185,7 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of
         bad, expected = [], []
         for f in thresholds.floors_for(est, setting, proto, tags):
             c = ms.get(f.metric)
-            got = _stat(c, f.stat)
+            got = stat_of(c, f.stat)
             held = got is not None and got >= f.min
             if f.known_failure and held and got < f.min + FIXED_MARGIN:
                 held = False  # at the edge: rounding on another machine must not flip the verdict
@@ -192,7 +193,7 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of
                 if not held:
                     bad.append(_line(est, setting, proto, f, c))
                 continue
-            mean = _stat(c, "mean")
+            mean = stat_of(c, "mean")
             if held:
                 bad.append(f"{est} on {setting} ({proto}): known failure fixed: remove the rule ({f.describe()}: "
                            f"{f.stat.replace('_', ' ')} {f.metric} = {got:.4f} now holds; it was "
