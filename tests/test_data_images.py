@@ -126,3 +126,24 @@ def test_prepare_rejects_unknown_and_missing(tmp_path):
         prepare("imagenet", tmp_path)
     with pytest.raises(RuntimeError):
         prepare("mnist", tmp_path, download=False)
+
+
+def test_the_offline_cifar_copy_is_labelled_lossy_everywhere(tmp_path):
+    """The bundled CIFAR-10 is a JPEG q75 re-encoding: results read from it say so; a cifar10.npz of
+    any other size (e.g. made losslessly by `data prepare`) does not."""
+    from influence_bench.data.datasets import lossy_note
+    from influence_bench.reporting.schema import Case
+    from influence_bench.reporting.table import fidelity_table
+
+    copy = tmp_path / "cifar10.npz"
+    with open(copy, "wb") as f:
+        f.truncate(170_887_089)  # sparse: the offline copy's size
+    assert lossy_note(str(copy)) == "jpeg-q75"
+    with open(copy, "wb") as f:
+        f.truncate(1000)
+    assert lossy_note(str(copy)) is None
+    assert lossy_note(f"torchvision:{tmp_path}") is None and lossy_note("") is None
+    case = Case(estimator="exact", setting="cifar10-2k-cnn-wd1e-3", setting_version=1, spec_hash="x",
+                protocol="loo-fixed", mode="warm", metric="spearman", value=0.3, setting_info={"lossy": "jpeg-q75"})
+    table = fidelity_table([case])
+    assert "cifar10-2k-cnn-wd1e-3*" in table and "* lossy: jpeg-q75" in table

@@ -61,6 +61,10 @@ def _score(args) -> int:
     _, failures = session.judge()
     reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)
     print(session.table(reference))
+    if args.test_points:
+        from influence_bench.reporting.table import test_point_table
+
+        print(test_point_table(cases))
     if reference:
         print(f"other estimators' rows: from the baseline {_baseline_path(args.baseline)} (not recomputed)")
     for line in skipped:
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the other estimators' rows from this run file (default: the checkout's "
                          "results/baseline.json, when there is one)")
     sc.add_argument("--no-baseline", action="store_true", help="show only ESTIMATOR's rows")
+    sc.add_argument("--test-points", action="store_true",
+                    help="also print Pearson/Spearman at the highest- and the median-loss test point apart")
     sc.set_defaults(func=_score)
 
     from influence_bench.cli import groundtruth as cli_groundtruth
@@ -240,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", default="results/baseline.json")
     up.set_defaults(func=_baseline)
 
+    from influence_bench.cli import paper as cli_paper
     from influence_bench.cli import verdicts as cli_verdicts
 
     cli_verdicts.add_parsers(sub, bl_sub)
+    cli_paper.add_parser(sub)
 
     rp = sub.add_parser("report", help="Markdown report with PNG figures from run files")
     rp.add_argument("runs", nargs="*", metavar="RUN.json", help="default: the newest run in --results-dir")

@@ -97,6 +97,22 @@ HOW_TO_GET = {
 }
 
 
+# Known lossy copies, by file name and size: the project's offline CIFAR-10 (shared/data/README.md)
+# is a JPEG quality-75 re-encoding (mean absolute error 5.85 per channel value against the lossless
+# images). Every result read from it carries ``lossy: jpeg-q75`` (``lossy_note``); a cifar10.npz the
+# user made with `influence-bench data prepare cifar10` (lossless, from torchvision) does not.
+LOSSY_COPIES = {("cifar10.npz", 170_887_089): "jpeg-q75"}
+
+
+def lossy_note(source: str) -> str | None:
+    """``"jpeg-q75"`` when ``source`` (``Dataset.source``) is a known lossy copy, else None."""
+    path = Path(source) if source and not source.startswith("torchvision:") else None
+    try:
+        return LOSSY_COPIES.get((path.name, path.stat().st_size)) if path is not None else None
+    except OSError:
+        return None
+
+
 def read_arrays(name: str, root: Path) -> tuple[Arrays, str]:
     """(x_train, y_train, x_test, y_test) of ``name`` from ``<root>/<name>.npz``, else through
     torchvision's layout under ``root`` (``download=False``); also says which source was read."""

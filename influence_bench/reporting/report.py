@@ -36,6 +36,8 @@ def fidelity_table(points: list[Point]) -> list[str]:
              "n | ceiling (reliability) | Spearman / ceiling | time s | peak MiB | device |", "|" + "---|" * 13]
     for (setting, est, proto), ms in rows.items():
         p0 = next(iter(ms.values()))
+        note = p0.setting_info.get("lossy") if isinstance(p0.setting_info, dict) else None
+        setting = f"{setting} (lossy: {note})" if note else setting
         if p0.status != "ok":
             lines.append(f"| {setting} | {est} | {proto} | {p0.status}: {p0.message.splitlines()[0][:80] if p0.message else ''}"
                          " |  |  |  |  |  |  |  |  |  |")
@@ -60,6 +62,23 @@ def fidelity_table(points: list[Point]) -> list[str]:
         lines.append(f"| {setting} | {est} | {proto} | {cell('spearman')} | {_fmt(sp.min if sp else None)} | "
                      f"{cell('pearson')} | {cell('topk-overlap')} | {p0.n_test} | {ceiling()} | {frac} | "
                      f"{_fmt(p0.wall_time_s, '.2f')} | {_fmt(p0.peak_memory_mb, '.0f')} | {p0.device} |")
+    return lines
+
+
+def test_point_table(points: list[Point]) -> list[str]:
+    """The paper's Table 1 view: Pearson / Spearman at the highest-loss and at the median-loss test
+    point alone, per (setting, estimator, protocol)."""
+    rows: dict[tuple, dict[str, Point]] = {}
+    for p in sorted(points, key=sort_key):
+        if p.status == "ok" and p.metric in FIDELITY:
+            rows.setdefault((p.setting, p.estimator, p.protocol), {})[p.metric] = p
+    lines = ["| setting | estimator | protocol | highest-loss Pearson / Spearman | median-loss Pearson / Spearman |",
+             "|" + "---|" * 5]
+    for (setting, est, proto), ms in rows.items():
+        def pair(attr):
+            return " / ".join(_fmt(getattr(ms.get(m), attr, None) if m in ms else None, ".2f")
+                              for m in ("pearson", "spearman"))
+        lines.append(f"| {setting} | {est} | {proto} | {pair('at_highest_loss')} | {pair('at_median_loss')} |")
     return lines
 
 
@@ -104,6 +123,10 @@ def write_report(runs: list[Run], out: Path) -> Path:
         else:
             md += [f"![{title}]({name})", ""]
     md += ["## Fidelity table", "", *fidelity_table(points), ""]
+    md += ["## Highest- vs median-loss test point", "",
+           "The paper's Table 1 view: each score at the highest-loss and at the median-loss test point alone "
+           "(n/a: undefined there, or a run file written before these were recorded).", "",
+           *test_point_table(points), ""]
     page = out / "report.md"
     page.write_text("\n".join(md))
     return page

@@ -57,6 +57,8 @@ class Case:
     ``noise_reliability`` is the split-half reliability of the ground truth (Spearman-Brown; 1 for
     deterministic retraining) and ``noise_ceiling`` the correlation attainable against it,
     ``sqrt(noise_reliability)`` (``metrics.attainable_correlation``).
+    ``at_highest_loss`` / ``at_median_loss``: the metric at the highest-loss and at the median-loss
+    test point alone (the paper's Table 1 view; the others in ``per_test`` are seeded random ones).
     ``n_unconverged_excluded``: removed points whose retrained model did not reach its convergence
     criterion, left out of the scored removals (run files without the field read as 0).
     """
@@ -78,6 +80,10 @@ class Case:
     n_undefined: int = 0
     per_test: list = field(default_factory=list)
     test_idx: list = field(default_factory=list)
+    # the metric at the paper's two test points (per_test[0] and per_test[1], test_idx's order):
+    # the highest-loss and the median-loss one (None: undefined there, or an older run file)
+    at_highest_loss: float | None = None
+    at_median_loss: float | None = None
     noise_ceiling: float | None = 1.0  # NaN in memory (null in JSON): unmeasured (one replicate of a stochastic recipe)
     noise_reliability: float | None = 1.0  # the same NaN/null rule
     n_unconverged_excluded: int = 0  # removals (LDS: subsets) left out: their retraining did not converge

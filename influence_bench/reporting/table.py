@@ -34,12 +34,15 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
              f"{'pearson [95% CI]':<24} {'n':>3}{'':<5} {'ceil':>5} {'time s':>7}  verdict"
     lines = [header, "-" * len(header)]
     last_setting = None
+    lossy = {c.setting: c.setting_info.get("lossy") for c in info.values()
+             if isinstance(c.setting_info, dict) and c.setting_info.get("lossy")}
     for key in sorted(rows):
         setting, est, proto = key
         c0 = info[key]
+        shown = f"{setting}*" if setting in lossy else setting
         if c0.status != "ok":
             cells = f"{c0.status.upper()}: {c0.message.splitlines()[0][:90]}"
-            lines.append(f"{setting if setting != last_setting else '':<26} {est:<16} {proto:<10} {cells}")
+            lines.append(f"{shown if setting != last_setting else '':<26} {est:<16} {proto:<10} {cells}")
             last_setting = setting
             continue
         s, p = rows[key].get("spearman"), rows[key].get("pearson")
@@ -52,8 +55,36 @@ def fidelity_table(cases: Iterable, verdicts: dict | None = None) -> str:
             return f"{c.value:6.3f} [{c.ci_low:6.3f},{c.ci_high:6.3f}]".ljust(24)
 
         verdict = (verdicts or {}).get(key, "")
-        lines.append(f"{setting if setting != last_setting else '':<26} {est:<16} {proto:<10} {cell(s)} "
+        lines.append(f"{shown if setting != last_setting else '':<26} {est:<16} {proto:<10} {cell(s)} "
                      f"{_fmt(s.min if s else None, '6.3f'):>6} {cell(p)} {c0.n_test:>3}"
                      f"{_excluded(c0):<5} {c0.noise_ceiling:5.2f} {_fmt(c0.wall_time_s, '7.2f'):>7}  {verdict}")
         last_setting = setting
+    for note in sorted(set(lossy.values())):
+        names = ", ".join(sorted(s for s, v in lossy.items() if v == note))
+        lines.append(f"* lossy: {note} (images from a lossy re-encoding, not the original data): {names}")
+    return "\n".join(lines)
+
+
+def test_point_table(cases: Iterable) -> str:
+    """The paper's Table 1 view: per (setting, estimator, protocol), Pearson / Spearman at the
+    highest-loss and at the median-loss test point alone, and the Spearman range over all test points."""
+    rows = defaultdict(dict)
+    for c in cases:
+        if c.status == "ok" and c.metric in ("spearman", "pearson"):
+            rows[(c.setting, c.estimator, c.protocol)][c.metric] = c
+    if not rows:
+        return "(no fidelity cases)"
+    header = (f"{'setting':<30} {'estimator':<15} {'protocol':<9} {'highest P/S':>11} {'median P/S':>11} "
+              f"{'S range':>11}")
+    lines = [header, "-" * len(header)]
+    for (setting, est, proto), m in sorted(rows.items()):
+        p, s = m.get("pearson"), m.get("spearman")
+
+        def pair(attr):
+            return f"{_fmt(getattr(p, attr, None), '.2f').strip()}/{_fmt(getattr(s, attr, None), '.2f').strip()}"
+
+        vals = [v for v in (s.per_test if s else []) if v is not None and math.isfinite(v)]
+        spread = f"{min(vals):.2f}..{max(vals):.2f}" if vals else "n/a"
+        lines.append(f"{setting:<30} {est:<15} {proto:<9} {pair('at_highest_loss'):>11} "
+                     f"{pair('at_median_loss'):>11} {spread:>11}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from influence_bench.api.context import Context
 from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from influence_bench.api.loading import get_context
 from influence_bench.api.registry import REGISTRY
+from influence_bench.data.datasets import lossy_note
 from influence_bench.groundtruth.store import GroundTruthStore
 from influence_bench.reporting.schema import (
     Case,  # noqa: F401  (Case: the result record, re-exported here)
@@ -65,7 +66,7 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
                 hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags),
-                setting_info=setting_shape(setting), device=str(ctx.device))
+                setting_info=_shape(setting, ctx), device=str(ctx.device))
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one
@@ -90,12 +91,27 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
             cases.append(Case(protocol=p, metric=m, value=agg.mean, ci_low=agg.ci_low, ci_high=agg.ci_high,
                               median=agg.median, min=agg.min, n_test=agg.n, n_undefined=agg.n_undefined,
                               per_test=agg.per_test, test_idx=[int(i) for i in ctx.test_idx],
+                              at_highest_loss=_at(agg.per_test, 0), at_median_loss=_at(agg.per_test, 1),
                               noise_ceiling=ceiling, noise_reliability=float(reliability),
                               n_unconverged_excluded=c.n_unconverged_excluded,
                               wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
                               diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
     return cases
+
+
+def _shape(setting: Setting, ctx: Context) -> dict:
+    """``setting_shape`` plus ``lossy`` where the data came from a known lossy copy (the offline
+    CIFAR-10: ``jpeg-q75``), so every table and report can say so."""
+    note = lossy_note(getattr(ctx.data, "source", ""))
+    return {**setting_shape(setting), **({"lossy": note} if note else {})}
+
+
+def _at(values: list, k: int) -> float | None:
+    """``values[k]`` when defined (select_test_points puts the highest-loss point first, then the
+    median-loss one)."""
+    v = values[k] if len(values) > k else None
+    return float(v) if v is not None and np.isfinite(v) else None
 
 
 def _jsonable(d: dict) -> dict:

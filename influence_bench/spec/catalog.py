@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Iterable
 
+from influence_bench.spec.catalog_iris_paper import iris_paper_settings, with_horizon
 from influence_bench.spec.catalog_paper import SMALL_CNN, minibatch_setting, paper_settings
 from influence_bench.spec.settings import DataSpec, GroundTruthSpec, ModelSpec, Setting, TrainSpec, make_id
 
@@ -112,6 +114,7 @@ def _build() -> dict[str, Setting]:
                  description="convex baseline: multinomial logistic regression on 5k real MNIST digits"),
     ]
     out += _iris_grid()
+    out += iris_paper_settings(IRIS)
     out += _image_settings()
     out += paper_settings()
     settings = {s.id: s for s in out}
@@ -127,10 +130,18 @@ class UnknownSetting(KeyError):
         return str(self.args[0])
 
 
+HORIZON = re.compile(r"(?P<base>iris-.+)-h(?P<epochs>[1-9][0-9]*)")
+
+
 def get_setting(setting_id: str) -> Setting:
+    """The catalog's setting of that id; ``<iris setting>-h<N>`` is that Iris setting with its
+    leave-one-out retrained for N epochs of the paper's Adam (``catalog_iris_paper.with_horizon``)."""
     try:
         return SETTINGS[setting_id]
     except KeyError:
+        m = HORIZON.fullmatch(setting_id)
+        if m and m["base"] in SETTINGS and not SETTINGS[m["base"]].train.minibatch:
+            return with_horizon(SETTINGS[m["base"]], int(m["epochs"]))
         close = difflib.get_close_matches(setting_id, SETTINGS, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownSetting(
@@ -147,7 +158,9 @@ def select(patterns: Iterable[str] | None = None, tier: str | None = None) -> li
     chosen = []
     for p in pats:
         if not any(c in p for c in "*?[") and p not in SETTINGS:
-            get_setting(p)  # raises with suggestions
+            derived = get_setting(p)  # raises with suggestions; a horizon setting is derived, not listed
+            if tier is None or derived.tier == tier:
+                chosen.append(derived)
     for s in SETTINGS.values():
         if tier is not None and s.tier != tier:
             continue

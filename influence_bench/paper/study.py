@@ -1,0 +1,143 @@
+"""The runs behind ``influence-bench paper``: the Iris grid under both protocols, the retraining
+horizon as an axis, and the MNIST part; each returns result cases (``reporting.schema.Case``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from influence_bench import metrics
+from influence_bench.api.loading import get_context
+from influence_bench.api.registry import REGISTRY
+from influence_bench.groundtruth.builder import build
+from influence_bench.groundtruth.store import GroundTruthStore
+from influence_bench.reporting.schema import Case
+from influence_bench.scoring.protocols import fixed_removals
+from influence_bench.scoring.runner import evaluate_context
+from influence_bench.spec import catalog
+from influence_bench.spec.catalog_iris_paper import DEPTHS, PAPER_SUFFIX, WEIGHT_DECAYS, WIDTHS, with_horizon
+from influence_bench.spec.settings import Setting, format_wd
+
+IRIS_ESTIMATORS = ("exact", "lissa")  # the paper: the exact Hessian on Iris, compared with LiSSA
+HORIZONS = (1, 3, 10, 30, 100, 300, 1000)  # epochs of the paper's Adam from theta* (4 steps each)
+HORIZON_SETTINGS = ("iris-mlp-d4-w16-wd1e-3", "iris-mlp-d2-w32-wd1e-3")  # one depth, one width point
+# the PBRF's proximity is the Iris settings' damping (1e-3); exact-ggn at that damping is the
+# influence whose response the PBRF is (Bae et al. 2022), so its gap to the PBRF is linearisation alone
+HORIZON_ESTIMATORS = (("exact", {}), ("exact-ggn", {"damping": 1e-3}), ("lissa", {}))
+MNIST_SETTINGS = (("mnist5k-logreg-wd1e-3", ("exact", "lissa")), ("mnist5k-cnn-wd1e-3", ("exact-ggn", "lissa")))
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def iris_family(family: str, depths: Iterable[int] = DEPTHS, widths: Iterable[int] = WIDTHS,
+                weight_decays: Iterable[float] = WEIGHT_DECAYS) -> list[Setting]:
+    """The Iris depth sweep (width 16) and width sweep (depth 2) of ``family`` (``converged`` or
+    ``paper``) at the given weight decays."""
+    if family not in ("converged", "paper"):
+        raise ValueError(f"unknown protocol family {family!r}; known: converged, paper")
+    suffix = PAPER_SUFFIX if family == "paper" else ""
+    shapes = dict.fromkeys([(d, 16) for d in depths] + [(2, w) for w in widths])  # d2-w16 is in both sweeps
+    return [catalog.get_setting(f"iris-mlp-d{d}-w{w}-wd{format_wd(wd)}{suffix}")
+            for wd in weight_decays for d, w in shapes]
+
+
+def score(settings: Iterable[Setting], estimators: Iterable, device: str = "cpu",
+          store: GroundTruthStore | None = None, protocols: tuple[str, ...] | None = None,
+          progress: Progress = _quiet, on_cases: Callable[[list[Case]], None] | None = None) -> list[Case]:
+    """Every estimator (a name, or ``(name, hyperparameters)``) on every setting."""
+    settings = list(settings)
+    out: list[Case] = []
+    for i, s in enumerate(settings, 1):
+        progress(f"[{i}/{len(settings)}] {s.id} ({s.ground_truth.mode}): training / loading theta*")
+        ctx = get_context(s, device)
+        for e in estimators:
+            name, hp = (e, {}) if isinstance(e, str) else e
+            progress(f"[{i}/{len(settings)}] {s.id} ({s.ground_truth.mode}): {name} and its ground truth")
+            cases = evaluate_context(REGISTRY.create(name, **hp), ctx, protocols, store)
+            out += cases
+            if on_cases is not None:
+                on_cases(cases)
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One question asked of the estimators in the horizon study: a leave-one-out retrained for
+    ``epochs`` epochs of Adam (``horizon``), to convergence (``converged``), or the PBRF (``pbrf``)."""
+
+    label: str
+    setting: Setting
+
+    @property
+    def mode(self) -> str:
+        return self.setting.ground_truth.mode
+
+
+def horizon_targets(base_id: str, horizons: Iterable[int] = HORIZONS) -> list[Target]:
+    base = catalog.get_setting(base_id)
+    if base.train.minibatch:
+        raise ValueError(f"setting {base_id!r}: the horizon study needs a converged-family setting (full-batch "
+                         "theta*), not a minibatch-trained one")
+    return ([Target(f"{h} ep", with_horizon(base, h)) for h in horizons]
+            + [Target("converged", base), Target("PBRF", base.with_mode("pbrf"))])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How close a target is to the converged leave-one-out, estimator-free: per test point the
+    Spearman correlation of the two ground truths over the loo-fixed removals converged in both."""
+
+    setting: str
+    target: str
+    mode: str
+    spearman: float | None
+    ci_low: float | None
+    ci_high: float | None
+    noise_ceiling: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def horizon(base_id: str, horizons: Iterable[int] = HORIZONS, estimators=HORIZON_ESTIMATORS, device: str = "cpu",
+            store: GroundTruthStore | None = None, progress: Progress = _quiet,
+            on_cases: Callable[[list[Case]], None] | None = None) -> tuple[list[Case], list[Agreement]]:
+    """Every estimator against every target of ``base_id`` on loo-fixed, and each target's agreement
+    with the converged leave-one-out."""
+    store = store or GroundTruthStore()
+    targets = horizon_targets(base_id, horizons)
+    cases = score([t.setting for t in targets], estimators, device, store, ("loo-fixed",), progress, on_cases)
+    ref = _ground_truth(catalog.get_setting(base_id), device, store)
+    agreements = []
+    for t in targets:
+        delta, ok, reliability = _ground_truth(t.setting, device, store)
+        both = ok & ref[1]
+        per = metrics.spearman(delta[both].T, ref[0][both].T) if both.sum() > 1 else np.full(delta.shape[1], np.nan)
+        agg = metrics.aggregate(per)
+        agreements.append(Agreement(base_id, t.label, t.mode, agg.mean, agg.ci_low, agg.ci_high,
+                                    metrics.attainable_correlation(reliability)))
+    return cases, agreements
+
+
+def _ground_truth(setting: Setting, device: str, store: GroundTruthStore) -> tuple[np.ndarray, np.ndarray, float]:
+    """(delta [m, n_test], converged [m], reliability) of the loo-fixed removals of ``setting``."""
+    ctx = get_context(setting, device)
+    gt = build(ctx, "loo", fixed_removals(ctx), store, cols=ctx.test_idx)
+    return gt.delta, ~gt.unconverged, gt.noise_ceiling
+
+
+def mnist(device: str = "cpu", store: GroundTruthStore | None = None, progress: Progress = _quiet,
+          on_cases: Callable[[list[Case]], None] | None = None) -> list[Case]:
+    """The MNIST part: the convex baseline and the small CNN of the paper's Table 1 (on CPU the
+    CNN's `exact` Hessian is out of budget; `exact-ggn` is the explicit Gauss-Newton influence)."""
+    out: list[Case] = []
+    for sid, ests in MNIST_SETTINGS:
+        out += score([catalog.get_setting(sid)], ests, device, store, None, progress, on_cases)
+    return out
