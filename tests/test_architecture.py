@@ -21,6 +21,7 @@ LAYERS = [
     {"groundtruth"},
     {"reporting"},
     {"scoring"},
+    {"paper"},
     {"cli", "pytest_plugin"},
 ]
 MAX_DEPTH = 9  # subpackages on the longest import chain (the layers below + the public face)

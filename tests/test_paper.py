@@ -127,7 +127,7 @@ def paper_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper")
     cmd = [sys.executable, "-m", "influence_bench.cli", "paper", "--out", str(out), "--parts", "iris,horizon",
            "--depths", "1", "--widths", "", "--weight-decays", "1e-3", "--estimators", "exact",
-           "--horizons", "1", "--horizon-settings", "iris-mlp-d1-w16-wd1e-3"]
+           "--horizons", "1", "--horizon-settings", "iris-mlp-d1-w16-wd1e-3", "--horizon-estimators", "exact"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -139,7 +139,8 @@ def test_paper_command_end_to_end(paper_out):
     md = (out / "paper.md").read_text()
     assert "| finding | paper |" in md and "iris-mlp-d1-w16-wd1e-3-paper" in md and "## The retraining horizon" in md
     verdicts = json.loads((out / "paper-verdicts.json").read_text())
-    assert {v["finding"] for v in verdicts} == {"depth", "width", "weight-decay", "test-points", "mnist-cnn"}
+    assert {v["finding"] for v in verdicts} == {"depth", "width", "weight-decay", "test-points", "curvature", "lissa",
+                                                "mnist-cnn"}
     from PIL import Image
 
     for name in ("paper_depth.png", "paper_width.png", "paper_horizon.png", "paper_test_points.png"):

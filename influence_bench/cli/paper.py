@@ -42,9 +42,9 @@ def _run(args) -> int:
             print(f"influence-bench paper: --tables-only needs a finished run in {run_path}: {exc}", file=sys.stderr)
             return 2
         cases, agreements = run.cases, [study.Agreement(**a) for a in run.extra.get("paper_agreements", [])]
-        return _write(out, cases, agreements)
+        return _write(out, cases, agreements, [study.NotRun(**n) for n in run.extra.get("paper_not_run", [])])
 
-    cases, agreements = [], []
+    cases, agreements, not_run = [], [], []
     t0 = time.monotonic()
 
     def progress(msg: str) -> None:
@@ -52,17 +52,21 @@ def _run(args) -> int:
 
     def save(new=()) -> None:  # after every estimator: a killed run keeps what it finished
         cases.extend(new)
-        write_run(run_path, cases, {"paper_agreements": [a.to_json() for a in agreements], "paper_parts": parts})
+        write_run(run_path, cases, {"paper_agreements": [a.to_json() for a in agreements], "paper_parts": parts,
+                                    "paper_not_run": [n.to_json() for n in not_run]})
 
     try:
         if "iris" in parts:
             for fam in ("paper", "converged"):
                 settings = study.iris_family(fam, _ints(args.depths), _ints(args.widths), _floats(args.weight_decays))
                 study.score(settings, args.estimators.split(","), args.device, protocols=None, progress=progress,
-                            on_cases=save)
+                            on_cases=save, not_run=not_run)
         if "horizon" in parts:
             for base in args.horizon_settings.split(","):
-                _, ags = study.horizon(base, _ints(args.horizons), device=args.device, progress=progress, on_cases=save)
+                hp = dict(study.HORIZON_ESTIMATORS)
+                ests = [(e, hp.get(e, {})) for e in args.horizon_estimators.split(",") if e]
+                _, ags = study.horizon(base, _ints(args.horizons), ests, device=args.device, progress=progress,
+                                       on_cases=save)
                 agreements.extend(ags)
                 save()
         if "mnist" in parts:
@@ -72,10 +76,10 @@ def _run(args) -> int:
         return 2
     save()
     progress(f"done: {len(cases)} cases in {run_path}")
-    return _write(out, cases, agreements)
+    return _write(out, cases, agreements, not_run)
 
 
-def _write(out: Path, cases, agreements) -> int:
+def _write(out: Path, cases, agreements, not_run) -> int:
     from influence_bench.paper import figures, numbers, tables
 
     rows = tables.side_by_side(cases)
@@ -88,6 +92,9 @@ def _write(out: Path, cases, agreements) -> int:
           "95% CI; a verdict compares the two ends of a sweep by their CIs. Paper numbers tagged [S] come from "
           "secondary summaries (docs/protocol.md).", "",
           *tables.side_by_side_markdown(rows), "", "## Every Iris setting", "", *tables.detail_markdown(cases), ""]
+    if not_run:
+        md += ["Not scored (their leave-one-out ground truth is undefined):", ""]
+        md += [f"* `{n.setting}` ({n.mode}): {n.reason}" for n in not_run] + [""]
     if agreements:
         md += ["## The retraining horizon as an axis", "", *tables.horizon_markdown(cases, agreements)]
     md += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figs if f is not None]
@@ -119,6 +126,8 @@ def add_parser(sub) -> None:
     p.add_argument("--estimators", default=",".join(study.IRIS_ESTIMATORS), help="estimators of the Iris part")
     p.add_argument("--horizons", default=",".join(map(str, study.HORIZONS)), help="epochs of warm Adam retraining")
     p.add_argument("--horizon-settings", default=",".join(study.HORIZON_SETTINGS))
+    p.add_argument("--horizon-estimators", default=",".join(e for e, _ in study.HORIZON_ESTIMATORS),
+                   help="estimators of the horizon study (exact-ggn at the PBRF's damping)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tables-only", action="store_true", help="redraw tables and figures from DIR/paper-run.json")
     p.set_defaults(func=_run)

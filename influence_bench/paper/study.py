@@ -13,6 +13,7 @@ from influence_bench import metrics
 from influence_bench.api.loading import get_context
 from influence_bench.api.registry import REGISTRY
 from influence_bench.groundtruth.builder import build
+from influence_bench.groundtruth.recipes import STATIONARY_MAX
 from influence_bench.groundtruth.store import GroundTruthStore
 from influence_bench.reporting.schema import Case
 from influence_bench.scoring.protocols import fixed_removals
@@ -48,15 +49,53 @@ def iris_family(family: str, depths: Iterable[int] = DEPTHS, widths: Iterable[in
             for wd in weight_decays for d, w in shapes]
 
 
+def undefined_leave_one_out(setting: Setting, ctx=None) -> str | None:
+    """Why a full-batch setting's converged leave-one-out is undefined (None: it is defined). Warm
+    Newton retraining converges to a leave-one-out optimum only from a minimiser: without weight
+    decay separable Iris has none, and a theta* above the stationarity bar of the warm-Newton recipe
+    is none (every removal would run its 100 steps and be left out unconverged)."""
+    if setting.train.minibatch or setting.ground_truth.minibatch or setting.ground_truth.mode != "warm":
+        return None
+    if setting.weight_decay == 0:
+        return "no weight decay: separable Iris has no minimiser, so leave-one-out has no optimum"
+    g = ctx.train_grad_norm if ctx is not None else None
+    if g is not None and not g <= STATIONARY_MAX:
+        return f"theta* is no minimiser (||grad|| {g:.1e} > {STATIONARY_MAX:g}): no leave-one-out optimum near it"
+    return None
+
+
+@dataclass(frozen=True)
+class NotRun:
+    setting: str
+    mode: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def score(settings: Iterable[Setting], estimators: Iterable, device: str = "cpu",
           store: GroundTruthStore | None = None, protocols: tuple[str, ...] | None = None,
-          progress: Progress = _quiet, on_cases: Callable[[list[Case]], None] | None = None) -> list[Case]:
-    """Every estimator (a name, or ``(name, hyperparameters)``) on every setting."""
+          progress: Progress = _quiet, on_cases: Callable[[list[Case]], None] | None = None,
+          not_run: list[NotRun] | None = None) -> list[Case]:
+    """Every estimator (a name, or ``(name, hyperparameters)``) on every setting whose ground truth
+    is defined (the others go to ``not_run`` with the reason, and produce no case)."""
     settings = list(settings)
     out: list[Case] = []
     for i, s in enumerate(settings, 1):
-        progress(f"[{i}/{len(settings)}] {s.id} ({s.ground_truth.mode}): training / loading theta*")
-        ctx = get_context(s, device)
+        ctx = None
+        for stage in ("spec", "theta"):
+            why = undefined_leave_one_out(s, ctx)
+            if why is not None:
+                break
+            if stage == "spec":
+                progress(f"[{i}/{len(settings)}] {s.id} ({s.ground_truth.mode}): training / loading theta*")
+                ctx = get_context(s, device)
+        if why is not None:
+            progress(f"[{i}/{len(settings)}] {s.id}: not scored: {why}")
+            if not_run is not None:
+                not_run.append(NotRun(s.id, s.ground_truth.mode, why))
+            continue
         for e in estimators:
             name, hp = (e, {}) if isinstance(e, str) else e
             progress(f"[{i}/{len(settings)}] {s.id} ({s.ground_truth.mode}): {name} and its ground truth")

@@ -4,6 +4,7 @@ with a verdict, plus the per-setting detail and the horizon decomposition (Markd
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,7 @@ def depth_row(idx: Index) -> Row:
         text, cs = _sweep(idx, fam, [(d, 16) for d in (1, 2, 3, 4, 6, 8)])
         ours[fam] = f"d1..d8: {text}"
         verdict[fam] = f"{direction(cs[0], cs[-1])} (d1 {fmt_ci(cs[0])} vs d8 {fmt_ci(cs[-1])})"
-    return Row(numbers.FINDINGS[0], ours, verdict)
+    return Row(numbers.finding("depth"), ours, verdict)
 
 
 def width_row(idx: Index) -> Row:
@@ -98,7 +99,7 @@ def width_row(idx: Index) -> Row:
         last = next((c for c in reversed(cs[1:]) if c is not None and _ok(c.value)), None)
         wlast = [8, 16, 32, 50][cs.index(last)] if last is not None else 50
         verdict[fam] = f"{direction(cs[0], last)} (w8 {fmt_ci(cs[0])} vs w{wlast} {fmt_ci(last)})"
-    return Row(numbers.FINDINGS[1], ours, verdict)
+    return Row(numbers.finding("width"), ours, verdict)
 
 
 def weight_decay_row(idx: Index) -> Row:
@@ -110,7 +111,7 @@ def weight_decay_row(idx: Index) -> Row:
             verdict[fam] = f"{UNDEFINED} (no minimiser without weight decay: leave-one-out has no optimum)"
         else:
             verdict[fam] = f"{direction(on, off)} ({fmt_ci(on)} vs {fmt_ci(off)})"
-    return Row(numbers.FINDINGS[2], ours, verdict)
+    return Row(numbers.finding("weight-decay"), ours, verdict)
 
 
 def test_point_row(idx: Index, cases: list[Case]) -> Row:
@@ -131,7 +132,56 @@ def test_point_row(idx: Index, cases: list[Case]) -> Row:
         sig = f"difference {agg.mean:+.2f} [{agg.ci_low:+.2f}, {agg.ci_high:+.2f}]"
         v = REPRODUCED if agg.ci_low > 0 else REVERSED if agg.ci_high < 0 else NOT_REPRODUCED
         verdict[fam] = f"{v} ({sig})"
-    return Row(numbers.FINDINGS[3], ours, verdict)
+    return Row(numbers.finding("test-points"), ours, verdict)
+
+
+def _paired(diffs: list[float], what: str) -> tuple[str, str]:
+    """(text, verdict) of paired differences whose positive sign is the paper's finding."""
+    if len(diffs) < 2:
+        return "n/a", UNDEFINED
+    agg = metrics.aggregate(np.asarray(diffs))
+    v = REPRODUCED if agg.ci_low > 0 else REVERSED if agg.ci_high < 0 else NOT_REPRODUCED
+    return what, f"{v} (difference {agg.mean:+.2f} [{agg.ci_low:+.2f}, {agg.ci_high:+.2f}] over {len(diffs)} settings)"
+
+
+def _top_eigenvalue(c: Case | None) -> float | None:
+    info = c.diagnostics.get("setting_info") if c is not None and isinstance(c.diagnostics, dict) else None
+    top = (info or {}).get("hessian_eigenvalues", {}).get("top") if isinstance(info, dict) else None
+    return float(top[0]) if isinstance(top, list) and top and _ok(top[0]) else None
+
+
+def curvature_row(idx: Index) -> Row:
+    """Deterministic numbers (no CI): reproduced when the top eigenvalue rises with depth (rank
+    correlation with depth >= 0.8) and the deepest is at least twice the shallowest."""
+    ours, verdict = {}, {}
+    for fam in FAMILIES:
+        depths = (1, 2, 3, 4, 6, 8)
+        tops = [(d, _top_eigenvalue(idx.get(iris_id(d, 16, "1e-3", fam)) or idx.get(iris_id(d, 16, "1e-3", fam),
+                                                                                     protocol="loo-fixed")))
+                for d in depths]
+        tops = [(d, t) for d, t in tops if t is not None]
+        ours[fam] = " / ".join(f"d{d} {t:.3g}" for d, t in tops) if tops else "n/a"
+        if len(tops) < 3:
+            verdict[fam] = UNDEFINED
+            continue
+        rho = float(metrics.spearman(np.array([[d for d, _ in tops]], float), np.array([[t for _, t in tops]]))[0])
+        ratio = tops[-1][1] / tops[0][1]
+        v = REPRODUCED if rho >= 0.8 and ratio >= 2 else REVERSED if rho <= -0.8 else NOT_REPRODUCED
+        verdict[fam] = f"{v} (rank correlation with depth {rho:.2f}, d{tops[-1][0]} / d{tops[0][0]} = {ratio:.1f}x)"
+    return Row(numbers.finding("curvature"), ours, verdict)
+
+
+def lissa_row(idx: Index) -> Row:
+    ours, verdict = {}, {}
+    for fam in FAMILIES:
+        pairs = [(idx.get(iris_id(d, 16, "1e-3", fam)), idx.get(iris_id(d, 16, "1e-3", fam), "lissa"))
+                 for d in (1, 2, 3, 4, 6, 8)]
+        pairs = [(e.value, li.value) for e, li in pairs if e is not None and li is not None
+                 and _ok(e.value) and _ok(li.value)]
+        text = (f"exact {np.mean([e for e, _ in pairs]):.2f} vs lissa {np.mean([li for _, li in pairs]):.2f} "
+                f"(mean over depths)") if pairs else "n/a"
+        ours[fam], verdict[fam] = _paired([e - li for e, li in pairs], text)
+    return Row(numbers.finding("lissa"), ours, verdict)
 
 
 def mnist_cnn_row(idx: Index) -> Row:
@@ -150,12 +200,13 @@ def mnist_cnn_row(idx: Index) -> Row:
         verdict["paper"] = f"{v} (Spearman {gap:+.2f} from the paper's; one test point, no CI)"
     ours["converged"] = "n/a"
     verdict["converged"] = f"{UNDEFINED} (no converged leave-one-out for a CNN on CPU)"
-    return Row(numbers.FINDINGS[4], ours, verdict)
+    return Row(numbers.finding("mnist-cnn"), ours, verdict)
 
 
 def side_by_side(cases: list[Case]) -> list[Row]:
     idx = Index(cases)
-    return [depth_row(idx), width_row(idx), weight_decay_row(idx), test_point_row(idx, cases), mnist_cnn_row(idx)]
+    return [depth_row(idx), width_row(idx), weight_decay_row(idx), test_point_row(idx, cases), curvature_row(idx),
+            lissa_row(idx), mnist_cnn_row(idx)]
 
 
 def side_by_side_markdown(rows: list[Row]) -> list[str]:
@@ -174,7 +225,8 @@ def detail_markdown(cases: list[Case]) -> list[str]:
     idx = Index(cases)
     out = ["| setting | estimator | loo-topk Spearman | loo-fixed Spearman | ceiling | highest P/S | median P/S "
            "| unconverged |", "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(c.setting, c.estimator) for c in cases if c.mode == "warm" and c.setting.startswith("iris-")})
+    keys = sorted({(c.setting, c.estimator) for c in cases if c.mode == "warm" and c.setting.startswith("iris-")
+                   and not re.search(r"-h[0-9]+$", c.setting)})  # the horizon study has its own table
     for sid, est in keys:
         top, fixed = idx.get(sid, est, "loo-topk"), idx.get(sid, est, "loo-fixed")
         ptop = idx.get(sid, est, "loo-topk", "pearson")
