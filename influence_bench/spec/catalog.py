@@ -41,7 +41,8 @@ IRIS_DEPTHS = (1, 2, 3, 4, 6, 8)
 IRIS_WIDTHS = (8, 16, 32, 50)
 IRIS_WEIGHT_DECAYS = (1e-3, 0.0, 1e-2)
 # Width 50 is `standard`: 54 s training + 94 s ground truth on the shared 2 cores, alone more than
-# the whole depth sweep, and it stops at ||grad|| 4e-6 with two negative Hessian eigenvalues.
+# the whole depth sweep. (Before the adaptive Levenberg-Marquardt polish of `training.fit` its theta*
+# stopped at ||grad|| 4e-6; with it, 5.5e-9, and 115 of its 120 removals converge.)
 # Without decay the nets saturate and most test points have exactly zero loss change, so their
 # correlations are undefined (d1 and d2 at wd 0 are scored on 1 of 10 test points, d4 on 9).
 # Without weight decay there is no leave-one-out ground truth to compare with: Iris is separable, so
