@@ -173,3 +173,19 @@ def test_report_shows_the_test_point_split(tmp_path):
     assert run.cases[0].at_highest_loss == 0.81  # through JSON and back
     page = write_report([run], tmp_path / "report").read_text()
     assert "| iris-mlp-d8-w16-wd1e-3-paper | exact | loo-topk | 0.70 / 0.81 | 0.10 / -0.12 |" in page
+
+
+def test_converged_family_settings_without_a_leave_one_out_optimum_are_not_scored():
+    """No weight decay on separable Iris, or a theta* above the warm-Newton stationarity bar: listed
+    with the reason, no case (a defined setting, or a minibatch one, is scored)."""
+    from types import SimpleNamespace
+
+    wd0 = catalog.get_setting("iris-mlp-d2-w16-wd0")
+    assert "no minimiser" in study.undefined_leave_one_out(wd0)
+    d6 = catalog.get_setting("iris-mlp-d6-w16-wd1e-3")
+    assert study.undefined_leave_one_out(d6) is None  # known only once theta* is trained
+    assert "no minimiser" in study.undefined_leave_one_out(d6, SimpleNamespace(train_grad_norm=1.1e-6))
+    assert study.undefined_leave_one_out(d6, SimpleNamespace(train_grad_norm=1e-9)) is None
+    assert study.undefined_leave_one_out(catalog.get_setting("iris-mlp-d2-w16-wd0-paper")) is None
+    not_run = []
+    assert study.score([wd0], ["exact"], not_run=not_run) == [] and not_run[0].setting == wd0.id
