@@ -120,7 +120,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("paper", help="reproduce Basu et al. (2021) under its own and the converged protocol",
                        description=__doc__,
                        epilog="example: influence-bench paper --out results/paper   (Iris, horizon and MNIST parts; "
-                              "about 40 min on 2 CPU cores)")
+                              "27 min on 2 idle CPU cores from an empty cache)")
     p.add_argument("--out", default="results/paper", metavar="DIR", help="run file, tables and figures")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)))
