@@ -17,6 +17,13 @@ STYLE = {"paper": dict(color="tab:red", marker="o", label="paper protocol (Adam,
 EST_COLORS = {"exact": "tab:blue", "exact-ggn": "tab:green", "lissa": "tab:orange"}
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _errorbars(ax, xs, cs, **style):
     pts = [(x, c) for x, c in zip(xs, cs) if c is not None and _ok(c.value)]
     if not pts:
@@ -46,11 +53,7 @@ def sweep(cases, out: Path, axis: str, paper: dict | None = None) -> Path:
     ax.axhline(0, color="0.7", linewidth=0.8)
     ax.set_title(f"Iris MLP, fidelity vs {axis} (weight decay 1e-3)")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    path = out / f"paper_{axis}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"paper_{axis}.png")
 
 
 def horizon(cases, agreements, out: Path) -> Path | None:
@@ -84,11 +87,7 @@ def horizon(cases, agreements, out: Path) -> Path | None:
         ax.set_ylim(-0.3, 1.05)
         ax.set_title(base, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = out / "paper_horizon.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "paper_horizon.png")
 
 
 def _target_args(base, a, est):
@@ -122,8 +121,4 @@ def test_points(cases, out: Path) -> Path | None:
     ax.set_ylabel("Spearman at the highest-loss test point")
     ax.set_title(f"{EST}, top-40 removals, every Iris setting", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = out / "paper_test_points.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "paper_test_points.png")
