@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from influence_bench.api.registry import REGISTRY
+from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError, untrusted_cwd_note
 from influence_bench.data.datasets import DataUnavailable
 from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS, Setting
@@ -37,11 +37,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--device", default="cpu", help="torch device for training, estimators and ground truth")
     g.addoption("--results-dir", default=None, metavar="DIR",
                 help="where run files go (default: <rootdir>/results); the run is results/runs/run-*.json")
+    g.addoption(TRUST_FLAG, action="store_true",
+                help=f"import the estimator plug-ins in ./estimators of the working directory (their code runs; also: "
+                     f"{TRUST_ENV}=1, or trust-cwd-estimators = true under [tool.influence-bench] in ./pyproject.toml)")
     g.addoption("--require-data", action="store_true",
                 help="fail, instead of skip, when a dataset is missing")
     g.addoption("--baseline", default=None, metavar="FILE",
                 help="after the session, compare the run to this baseline run file; a regression fails the "
                      "session (make one with `influence-bench baseline update RUN.json`)")
+    g.addoption("--time-limit", action="append", default=[], metavar="[NAME=]SECONDS",
+                help="time limit of one estimator call (repeatable; NAME= for one estimator; default 3600 s or "
+                     "the class's time_limit_s); a call past it is stopped and its case is an error")
+    g.addoption("--memory-limit", action="append", default=[], metavar="[NAME=]MB",
+                help="memory an estimator call may add (repeatable; NAME= for one estimator; default: the "
+                     "machine's physical memory; Linux, CPU)")
+    g.addoption("--isolation", choices=["inline", "process"], default=None,
+                help="inline (default): guarded calls in this process; process: each call in a forked worker "
+                     "(survives segfaults and hangs in C; one torch thread, so its times are not comparable)")
     g.addoption("--bench-rounds", type=int, default=3, metavar="N",
                 help="timed rounds per estimator benchmark (after one warm-up round; default 3)")
     g.addoption("--gate", action="append", default=[], metavar="SPEC",
@@ -58,7 +70,9 @@ class BenchSession:
         self.config = config
         self.thresholds = Thresholds.load()
         self.comparison = None
+        self.gate_error = None  # why the gate could not compare (a run it cannot use)
         self.gates, self.baseline = _gate_options(config)
+        self.limits = _limit_options(config)
         self._scoring = None
         from influence_bench import tally
 
@@ -73,7 +87,13 @@ class BenchSession:
         if self._scoring is None:
             from influence_bench.scoring.session import ScoringSession
 
-            self._scoring = ScoringSession(self.device, self.thresholds, start=self.start)
+            self._scoring = ScoringSession(self.device, self.thresholds, start=self.start, limits=self.limits)
+            from influence_bench.scoring.session import ResultsDirError
+
+            try:  # every finished case goes to the run's journal at once: a killed session keeps them
+                self._scoring.begin(_results_dir(self.config), extra={"tier": self.config.getoption("--tier")})
+            except ResultsDirError as exc:
+                pytest.exit(f"influence-bench: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
         return self._scoring
 
     @property
@@ -103,10 +123,21 @@ class BenchSession:
             pytest.xfail("\n".join(known))
 
 
+def _limit_options(config: pytest.Config):
+    """--time-limit / --memory-limit / --isolation, parsed at configure time (a typo is a usage error)."""
+    from influence_bench.scoring.isolation import Limits
+
+    try:
+        return Limits.parse(config.getoption("--time-limit"), config.getoption("--memory-limit"),
+                            config.getoption("--isolation"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def _gate_options(config: pytest.Config):
     """Parse --gate / load --baseline at configure time, so a typo fails before anything runs."""
-    from influence_bench.reporting.gates import GateSpecError, parse_gate
-    from influence_bench.reporting.schema import RunFileError, load_run
+    from influence_bench.reporting.gates import GateSpecError, load_gate_file, parse_gate
+    from influence_bench.reporting.schema import RunFileError
 
     try:
         gates = [parse_gate(g) for g in config.getoption("--gate")]
@@ -123,20 +154,37 @@ def _gate_options(config: pytest.Config):
     if not Path(path).exists():
         raise pytest.UsageError(f"--baseline {path}: no such file; write one with "
                                 f"`influence-bench baseline update results/runs/run-....json --out {path}`")
-    try:
-        return gates, load_run(path)
+    try:  # unreadable, no cases, NaN or impossible values: a usage error before anything runs
+        return gates, load_gate_file(path, "--baseline")
     except RunFileError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption(TRUST_FLAG):
+        config.stash[_TRUST_BEFORE] = REGISTRY.trust_cwd
+        REGISTRY.trust_cwd = True
     config.stash[_KEY] = BenchSession(config)
     config.addinivalue_line("markers", "fidelity: a generated (estimator x setting) fidelity case")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where there is none")
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TRUST_BEFORE in config.stash:
+        REGISTRY.trust_cwd = config.stash[_TRUST_BEFORE]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    note = untrusted_cwd_note(REGISTRY.trust_cwd)
+    return [f"influence-bench: {note}"] if note else []
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """Tests marked ``gpu`` skip, saying why, on a machine without CUDA."""
+    """A registry failure met while generating the cases is a usage error (one line, no traceback).
+    Tests marked ``gpu`` skip, saying why, on a machine without CUDA."""
+    error = config.stash.get(_REGISTRY_ERROR, None)
+    if error is not None:
+        raise pytest.UsageError(f"influence-bench: {error}")
     import torch
 
     if torch.cuda.is_available():
@@ -148,6 +196,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 
 
 _KEY = pytest.StashKey[BenchSession]()
+_REGISTRY_ERROR = pytest.StashKey[str]()
+_TRUST_BEFORE = pytest.StashKey["bool | None"]()
 
 
 @pytest.fixture(scope="session")
@@ -156,9 +206,20 @@ def influence_bench(request: pytest.FixtureRequest) -> BenchSession:
 
 
 def _selected_estimators(cfg: pytest.Config) -> list[str]:
-    names = cfg.getoption("--estimator") or REGISTRY.names()
-    for n in names:
-        REGISTRY.get(n)  # unknown name: error with suggestions at collection
+    """``--estimator`` names, else every registered estimator. A registry error (an unknown name, or a
+    plug-in that failed to load when all are asked for) is stashed, and the collection ends with it as a
+    usage error (``pytest_collection_modifyitems``): raised here, pytest would show a traceback."""
+    try:
+        names = cfg.getoption("--estimator") or REGISTRY.names()
+        for n in names:
+            REGISTRY.get(n)  # unknown name: error with suggestions
+        if not cfg.getoption("--estimator") and REGISTRY.failures:
+            more = f" (and {len(REGISTRY.failures) - 1} more)" if len(REGISTRY.failures) > 1 else ""
+            raise RegistryError(f"{REGISTRY.failures[0]}{more}; fix or uninstall it, or choose the estimators to run "
+                                "with --estimator NAME")
+    except RegistryError as exc:
+        cfg.stash.setdefault(_REGISTRY_ERROR, str(exc))
+        return []
     return names
 
 
@@ -211,6 +272,11 @@ def pytest_benchmark_update_machine_info(config, machine_info) -> None:
     update_machine_info(machine_info)
 
 
+def _results_dir(config: pytest.Config) -> Path:
+    out = config.getoption("--results-dir")
+    return Path(out) if out else Path(config.rootpath) / "results"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     """Write the run file and apply the regression gate (runs before the terminal summary)."""
     bench = session.config.stash.get(_KEY, None)
@@ -223,19 +289,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if scoring.shipped_violations:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     config = session.config
-    out = config.getoption("--results-dir")
-    results_dir = Path(out) if out else Path(config.rootpath) / "results"
-    scoring.write_run(results_dir, extra={"tier": config.getoption("--tier")})
+    stopped = exitstatus == pytest.ExitCode.INTERRUPTED
+    scoring.write_run(_results_dir(config), extra={"tier": config.getoption("--tier")},
+                      partial="interrupted (pytest)" if stopped else None)
     if bench.baseline is not None:
-        from influence_bench.reporting.gates import compare_runs
-        from influence_bench.reporting.schema import load_run
+        from influence_bench.reporting.gates import compare_runs, load_gate_file
+        from influence_bench.reporting.schema import RunFileError
 
-        bench.comparison = compare_runs(load_run(scoring.run_path), bench.baseline, bench.gates)
+        try:
+            bench.comparison = compare_runs(load_gate_file(scoring.run_path), bench.baseline, bench.gates)
+        except RunFileError as exc:  # the run holds a value no metric can take: the gate cannot pass
+            bench.gate_error = str(exc)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            return
         if bench.comparison.failed:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    for failure in REGISTRY.failures:  # estimators chosen by --estimator ran; these plug-ins did not load
+        terminalreporter.write_line(f"influence-bench: {failure}", yellow=True)
     bench = config.stash.get(_KEY, None)
     if bench is not None and not bench.cases and bench.baseline is not None:
         terminalreporter.section("influence-bench regression gate", red=True)
@@ -255,6 +328,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         terminalreporter.section("influence-bench shipped settings retrained", red=True)
         for v in scoring.shipped_violations:
             terminalreporter.write_line(v, red=True)
+    if bench.gate_error:
+        terminalreporter.section("influence-bench regression gate", red=True)
+        terminalreporter.write_line(f"GATE FAILED: {bench.gate_error}", red=True, bold=True)
     if bench.comparison is not None:
         from influence_bench.reporting.gates import format_comparison
 

@@ -101,6 +101,18 @@ class Context:
     train_steps: int = -1  # optimiser steps theta* took (-1: unknown)
     theta_source: str = "trained"  # where theta* came from: "trained", "cache" or "shipped"
     _cache: dict = field(default_factory=dict, repr=False)
+    #: shared by every ``fresh()`` copy: ``"poisoned"``, why the context must not be used any more
+    _flags: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def poisoned(self) -> str:
+        """Why this context must not be used any more (an estimator edited its data in place); "" if clean."""
+        return self._flags.get("poisoned", "")
+
+    def poison(self, reason: str) -> None:
+        """Mark this context and every copy of it unusable (``scoring.isolation``): nothing is scored
+        or retrained from it."""
+        self._flags["poisoned"] = reason
 
     # ---- plain facts -----------------------------------------------------------------------
     @property
@@ -254,6 +266,10 @@ class Context:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def cache_items(self) -> list[tuple[Hashable, Any]]:
+        """(key, value) of everything cached now (the harness fingerprints it around each estimator call)."""
+        return list(self._cache.items())
 
     def is_cached(self, key: Hashable) -> bool:
         return key in self._cache

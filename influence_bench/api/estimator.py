@@ -32,6 +32,10 @@ class Estimator:
     #: converges to) the whole model's inverse-Hessian (or Gauss-Newton) influence function, so it
     #: must reach the convex floors on logistic regression (``spec/thresholds.toml``)
     tags: ClassVar[frozenset[str]] = frozenset()
+    #: this estimator's own limits on one ``influence`` call (``None``: the harness default, see
+    #: ``scoring/isolation.py``); ``--time-limit NAME=SECONDS`` / ``--memory-limit NAME=MB`` override
+    time_limit_s: ClassVar[float | None] = None
+    memory_limit_mb: ClassVar[float | None] = None
 
     def __init__(self) -> None:  # dataclass subclasses generate their own
         pass
@@ -56,11 +60,18 @@ class Estimator:
         return "stochastic" in self.tags
 
 
-def check_output(value: Any, estimator: str, setting: str, shape: tuple[int, int]) -> torch.Tensor:
-    """Validate an estimator's return value; raise ``EstimatorError`` saying exactly what is wrong."""
+def check_output(value: Any, estimator: str, setting: str, shape: tuple[int, int],
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Validate an estimator's return value; raise ``EstimatorError`` saying exactly what is wrong.
+    ``device``: the context's device, where the matrix must be (a ``meta`` tensor has no values)."""
     where = f"estimator {estimator!r} on setting {setting!r}"
     if not isinstance(value, torch.Tensor):
         raise EstimatorError(f"{where} returned {type(value).__name__}, expected a torch.Tensor of shape {shape}")
+    if value.layout != torch.strided:
+        raise EstimatorError(f"{where} returned a {value.layout} tensor, expected a dense (strided) one")
+    if device is not None and value.device.type != torch.device(device).type or value.device.type == "meta":
+        raise EstimatorError(f"{where} returned a tensor on {value.device}, expected one on the context's device "
+                             f"({device})")
     if not value.is_floating_point():
         raise EstimatorError(f"{where} returned dtype {value.dtype}, expected a floating-point tensor")
     if tuple(value.shape) != tuple(shape):

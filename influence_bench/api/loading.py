@@ -37,6 +37,12 @@ def get_context(setting: Setting, device: str = "cpu") -> Context:
     return _get_context(setting, device, str(paths.cache_dir()), None if shipped is None else str(shipped))
 
 
+def forget_contexts() -> None:
+    """Drop every cached context (one was edited in place by an estimator: ``scoring.isolation``);
+    the next ``get_context`` rebuilds from the model cache."""
+    _get_context.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _get_context(setting: Setting, device: str, cache: str, shipped: str | None) -> Context:
     return build_context(setting, data_mod.load(setting.data), device)

@@ -51,6 +51,9 @@ def build(ctx: Context, kind: str, ids: np.ndarray, store: GroundTruthStore | No
     computed (every column) into the cache."""
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {executor!r}; known: local, ray")
+    if ctx.poisoned:  # an estimator edited its data or cached arrays in place (scoring/isolation.py)
+        raise RuntimeError(f"setting {ctx.setting.id!r}: refusing to build ground truth from a context that was "
+                           f"edited in place ({ctx.poisoned}); rebuild it with loading.get_context")
     engine.check_recipe(ctx)
     store = store or GroundTruthStore()
     ids = valid_ids(ctx, kind, ids, lds_spec)

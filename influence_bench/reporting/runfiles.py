@@ -5,6 +5,7 @@ The schema itself (fields, validation, upgrades) lives in :mod:`influence_bench.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -13,8 +14,16 @@ from typing import Iterable
 
 import torch
 
-from influence_bench.paths import write_json
-from influence_bench.reporting.schema import SCHEMA_VERSION, Case, Run, RunFileError, load_run, run_from_json  # noqa: F401
+from influence_bench.paths import atomic_path, write_json
+from influence_bench.reporting.schema import (  # noqa: F401
+    SCHEMA_VERSION,
+    Case,
+    Run,
+    RunFileError,
+    case_from_json,
+    load_run,
+    run_from_json,
+)
 
 
 def machine_info() -> dict:
@@ -66,6 +75,72 @@ def write_run(path: Path, cases: Iterable, extra: dict | None = None) -> Path:
     run_from_json(doc, path)
     write_json(Path(path), doc)
     return Path(path)
+
+
+def journal_path(run_path: Path) -> Path:
+    """Where a run's cases are appended as they finish: ``run-*.jsonl`` beside ``run-*.json``."""
+    return Path(run_path).with_suffix(".jsonl")
+
+
+def start_journal(run_path: Path, extra: dict | None = None, cases: Iterable = ()) -> Path:
+    """Begin the journal of the run ``run_path``: one JSON header line (the top-level keys the final
+    file will carry), then ``cases`` (a resumed run's), written atomically so that a kill never leaves
+    less than there was. Raises ``OSError`` when the folder is not writable."""
+    path = journal_path(run_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {"influence_bench_journal": 1, "schema_version": SCHEMA_VERSION, **(extra or {})}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(head, allow_nan=False) + "\n" + _lines(cases))
+    return path
+
+
+def _lines(cases: Iterable) -> str:
+    return "".join(json.dumps(c.to_json() if hasattr(c, "to_json") else c, allow_nan=False) + "\n" for c in cases)
+
+
+def append_journal(path: Path, cases: Iterable) -> None:
+    """Append finished cases, one JSON line each, flushed to disk before returning."""
+    with open(path, "a") as fh:
+        fh.write(_lines(cases))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_journal(path: Path) -> tuple[dict, list[Case]]:
+    """(header, cases) of a journal; a last line cut short by a kill is dropped, any other bad line
+    is an error naming the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFileError(f"run journal {path}: cannot be read ({exc})") from exc
+    if not lines:
+        raise RunFileError(f"run journal {path}: empty")
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        head = None
+    if not isinstance(head, dict) or head.get("influence_bench_journal") != 1:
+        raise RunFileError(f"run journal {path}: line 1 is not an influence-bench journal header")
+    cases = []
+    for i, line in enumerate(lines[1:], start=2):
+        try:
+            cases.append(case_from_json(json.loads(line), f"line {i}"))
+        except (json.JSONDecodeError, RunFileError) as exc:
+            if i == len(lines):  # the line a kill cut short
+                break
+            raise RunFileError(f"run journal {path}: line {i}: {exc}") from None
+    return head, cases
+
+
+def read_cases(path: Path) -> tuple[dict, list[Case]]:
+    """(top-level keys, cases) of a run file or of a run journal (``--resume``)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        head, cases = read_journal(path)
+        return {k: v for k, v in head.items() if k not in ("influence_bench_journal", "schema_version")}, cases
+    run = load_run(path)
+    return {"tier": run.tier, **run.extra}, list(run.cases)
 
 
 def write_run_obj(path: Path, run: Run) -> Path:

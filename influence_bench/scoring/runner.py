@@ -3,8 +3,6 @@ truth for each protocol, and turn the comparison into result cases."""
 
 from __future__ import annotations
 
-import traceback
-
 import numpy as np
 import torch
 
@@ -19,7 +17,8 @@ from influence_bench.reporting.schema import (
     Case,  # noqa: F401  (Case: the result record, re-exported here)
     setting_shape,
 )
-from influence_bench.scoring.measure import Measurement, measure
+from influence_bench.scoring.isolation import Limits, call, safe_diagnostics
+from influence_bench.scoring.measure import Measurement
 from influence_bench.scoring.protocols import (  # noqa: F401
     KNOWN_PROTOCOLS,
     PROTOCOLS,
@@ -32,34 +31,31 @@ from influence_bench.scoring.setting_info import setting_info
 from influence_bench.spec.settings import Setting
 
 
-def run_estimator(est: Estimator, ctx: Context) -> tuple[np.ndarray, Measurement]:
-    """Call the estimator, validate its output; returns (influence [n_test, n_train], time and memory)."""
-    where = f"estimator {est.name!r} on setting {ctx.setting.id!r}"
-    with measure(ctx.device) as m:
-        try:
-            out = est.influence(ctx)
-        except (EstimatorUnsupported, EstimatorError):
-            raise
-        except Exception as exc:
-            raise EstimatorError(f"{where} raised {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from exc
-    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train)).numpy(), m
+def run_estimator(est: Estimator, ctx: Context, limits: Limits | None = None) -> tuple[np.ndarray, Measurement]:
+    """Call the estimator under ``limits`` (``scoring/isolation.py``: a time and memory limit, and a
+    context it cannot change for the next user), validate its output; returns (influence
+    [n_test, n_train], time and memory). Raises ``EstimatorError`` / ``EstimatorUnsupported``."""
+    out, m = call(est, ctx, limits)
+    return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train), ctx.device).numpy(), m
 
 
 def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
-             protocols: tuple[str, ...] | None = None, store: GroundTruthStore | None = None) -> list[Case]:
+             protocols: tuple[str, ...] | None = None, store: GroundTruthStore | None = None,
+             limits: Limits | None = None) -> list[Case]:
     """All cases of one estimator on one setting. Never raises for estimator failures: they become
     ``error`` / ``skipped`` cases carrying the message (the other cases still run)."""
-    return evaluate_context(estimator, get_context(setting, device), protocols, store)
+    return evaluate_context(estimator, get_context(setting, device), protocols, store, limits=limits)
 
 
 def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
                      store: GroundTruthStore | None = None, info: dict | None = None,
-                     fresh: bool = True) -> list[Case]:
+                     fresh: bool = True, limits: Limits | None = None) -> list[Case]:
     """``evaluate`` on a context built by the caller (e.g. ``loading.build_context`` on generated
     fixture data the setting's hash does not describe). ``info`` replaces the per-setting record of
     ``setting_info`` (curvature by Lanczos: hundreds of Hessian-vector products) when given.
     ``fresh=False`` hands the estimator ``ctx`` itself, gradients and curvature it holds included
-    (the mutants share exact's; a fidelity case always gets a fresh copy)."""
+    (the mutants share exact's; a fidelity case always gets a fresh copy). ``limits``: the call's
+    time and memory limits and isolation (``scoring/isolation.py``)."""
     est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
     setting = ctx.setting
     protocols = tuple(protocols) if protocols else setting.protocol.default
@@ -70,7 +66,7 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one
-        influence, cost = run_estimator(est, ctx.fresh() if fresh else ctx)
+        influence, cost = run_estimator(est, ctx.fresh() if fresh else ctx, limits)
     except EstimatorUnsupported as exc:
         return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
                 for p in protocols for m in metrics.METRICS]
@@ -96,7 +92,7 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
                               n_unconverged_excluded=c.n_unconverged_excluded,
                               wall_time_s=cost.seconds, peak_memory_mb=cost.peak_memory_mb,
                               extra_memory_mb=cost.extra_memory_mb,
-                              diagnostics=_jsonable({**est.diagnostics, "setting_info": info}), **base))
+                              diagnostics=safe_diagnostics({**est.diagnostics, "setting_info": info}), **base))
     return cases
 
 

@@ -4,14 +4,23 @@ front-ends over it, so the two give the same verdicts, the same table and the sa
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 from influence_bench import paths, tally
 from influence_bench.api.registry import builtin_estimators
-from influence_bench.reporting.runfiles import new_run_path, write_run
+from influence_bench.reporting.runfiles import (
+    append_journal,
+    journal_path,
+    new_run_path,
+    read_cases,
+    start_journal,
+    write_run,
+)
 from influence_bench.reporting.schema import Case
 from influence_bench.reporting.table import fidelity_table
+from influence_bench.scoring.isolation import Limits
 from influence_bench.scoring.runner import evaluate
 from influence_bench.spec.settings import Setting
 from influence_bench.spec.thresholds import Thresholds, judge
@@ -21,8 +30,10 @@ from influence_bench.training import shipped as shipped_models
 class ScoringSession:
     """Collects the cases, what they trained and computed, and shipped settings that retrained."""
 
-    def __init__(self, device: str = "cpu", thresholds: Thresholds | None = None, start=None):
+    def __init__(self, device: str = "cpu", thresholds: Thresholds | None = None, start=None,
+                 limits: Limits | None = None):
         self.device = device
+        self.limits = limits or Limits()  # every estimator call's time / memory limits and isolation
         self.thresholds = thresholds or Thresholds.load()
         self.cases: list[Case] = []
         self.work: Counter = Counter()  # what the evaluated cases trained and computed
@@ -30,6 +41,34 @@ class ScoringSession:
         self.shipped_violations: list[str] = []
         self.run_path: Path | None = None
         self.selected: list[dict] = []  # what the front-end set out to score (the run file's ``selected``)
+        self.journal: Path | None = None  # run-*.jsonl: every finished case, appended as it finishes
+        self.resumed: list[Case] = []  # cases carried over from the run given to ``begin(resume=...)``
+
+    def begin(self, results_dir: Path, extra: dict | None = None, resume: Path | None = None) -> Path:
+        """Before any compute: check that ``results_dir/runs`` is writable, choose the run file (a new
+        one, or ``resume``'s: a run file or a journal whose cases are kept and not recomputed) and
+        start its journal. Returns the run file's path. Raises ``ResultsDirError`` / ``RunFileError``."""
+        if resume is not None:
+            _, self.resumed = read_cases(Path(resume))
+            self.cases = list(self.resumed)
+            run_path = Path(resume).with_suffix(".json")
+        else:
+            run_path = new_run_path(Path(results_dir))
+        check_writable(run_path.parent)
+        self.run_path = run_path
+        try:
+            self.journal = start_journal(run_path, extra, self.cases)
+        except OSError as exc:
+            raise ResultsDirError(f"cannot write the run journal {journal_path(run_path)} ({exc.strerror or exc}); "
+                                  "choose another folder with --results-dir") from None
+        return run_path
+
+    def done(self, estimator: str, setting: Setting, protocols: tuple[str, ...] | None = None) -> bool:
+        """Whether the resumed run already holds every case of ``estimator`` on ``setting``."""
+        want = set(protocols or setting.protocol.default)
+        have = {c.protocol for c in self.resumed if (c.estimator, c.setting, c.mode) ==
+                (estimator, setting.id, setting.ground_truth.mode)}
+        return bool(want) and want <= have
 
     def select(self, estimator: str, setting: Setting, protocols: tuple[str, ...] | None = None) -> None:
         """Record that ``estimator`` on ``setting`` was selected, so that the regression gate can tell
@@ -49,11 +88,13 @@ class ScoringSession:
         they caused, if any (``shipped_violation``). Raises ``DataUnavailable`` like ``evaluate``."""
         before = tally.snapshot()
         try:
-            cases = evaluate(estimator, setting, device=self.device, protocols=protocols)
+            cases = evaluate(estimator, setting, device=self.device, protocols=protocols, limits=self.limits)
         finally:
             work = tally.since(before)
             self.work.update(work)
         self.cases += cases
+        if self.journal is not None:
+            append_journal(self.journal, cases)  # on disk before the next case starts
         violation = shipped_violation(estimator, setting, work)
         if violation:
             self.shipped_violations.append(violation)
@@ -71,12 +112,19 @@ class ScoringSession:
             verdicts = {**self.judge(list(reference))[0], **verdicts}
         return fidelity_table(self.cases + list(reference), verdicts)
 
-    def write_run(self, results_dir: Path, extra: dict | None = None) -> Path | None:
-        """Write the run file (with ``selected`` when anything was recorded by ``select``)."""
+    def write_run(self, results_dir: Path, extra: dict | None = None, partial: str | None = None) -> Path | None:
+        """Write the run file atomically (with ``selected`` when anything was recorded by ``select``,
+        and ``partial``, why the run stopped early, when it did), then drop the journal: at the path
+        ``begin`` chose, else a new one in ``results_dir``."""
         if not self.cases:
             return None
-        extra = {**(extra or {}), **({"selected": self.selected} if self.selected else {})}
-        self.run_path = write_run(new_run_path(Path(results_dir)), self.cases, extra=extra)
+        extra = {**(extra or {}), **({"selected": self.selected} if self.selected else {}),
+                 **({"partial": partial} if partial else {})}
+        path = self.run_path if self.journal is not None else new_run_path(Path(results_dir))
+        self.run_path = write_run(path, self.cases, extra=extra)
+        if self.journal is not None:
+            self.journal.unlink(missing_ok=True)
+            self.journal = None
         return self.run_path
 
     def work_summary(self) -> str:
@@ -86,6 +134,24 @@ class ScoringSession:
                 f"{tally.total(fid, tally.COMPUTED)} ground-truth entries (whole session, unit tests included: "
                 f"{tally.total(whole, tally.TRAINED)} models trained, {tally.total(whole, tally.COMPUTED)} entries "
                 f"computed, {tally.total(whole, tally.VERIFIED)} recomputed to verify)")
+
+
+class ResultsDirError(OSError):
+    """The results folder cannot be written (checked before any compute)."""
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there; raise ``ResultsDirError``
+    naming it otherwise (before hours of compute, not after)."""
+    folder = Path(folder)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ResultsDirError(f"the results folder {folder} is not writable ({exc.strerror or exc}); choose "
+                              "another with --results-dir") from None
 
 
 def registered_tags(name: str) -> frozenset:
