@@ -431,6 +431,9 @@ def _call_in_child(est, ctx, limits: Limits) -> tuple[Any, Measurement]:
         try:
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+            import faulthandler
+
+            faulthandler.disable()  # a crash is reported by the parent in one line, not as a C stack dump
             torch.set_num_threads(1)  # OpenMP's pool does not survive a fork
             before = tally.snapshot()
             header: dict = {"ok": False}
