@@ -13,3 +13,8 @@ class EstimatorUnsupported(RuntimeError):
 
     Raised inside ``influence``; the suites record the case as skipped with this message.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while a run can still save what it finished (``score``):
+    a ``KeyboardInterrupt``, so every guard that lets Ctrl-C through lets it through too."""
