@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ SETTING = "iris-logreg-wd1e-3"
 
 
 def _values(cases) -> dict:
-    return {(c.setting, c.protocol, c.metric): (c.status, c.value, tuple(c.per_test)) for c in cases}
+    return {(c.estimator, c.setting, c.protocol, c.metric): (c.status, c.value, tuple(c.per_test)) for c in cases}
 
 
 def _fresh_run(cache, monkeypatch):
@@ -64,3 +65,36 @@ def test_two_concurrent_scorers_on_one_empty_cache_agree(tmp_path, monkeypatch):
     assert not list((tmp_path / "results" / "runs").glob("*.jsonl"))
     # and the cache they wrote together serves a third run the same numbers
     assert _fresh_run(tmp_path / "shared", monkeypatch) == reference
+
+
+@pytest.mark.fault("concurrency", "handled")
+def test_pytest_n_2_gives_the_serial_verdicts_and_cases(tmp_path):
+    """The same fidelity slice under pytest-xdist (two workers, each writing its own run file) and
+    serially: the same verdict for every test and bitwise the same cases."""
+    pytest.importorskip("xdist")
+    root = Path(__file__).resolve().parents[2]
+    k = "exact-iris-logreg-wd1e-3 or tracin-iris-logreg-wd1e-3"  # one test per worker
+
+    def session(name: str, *extra: str) -> tuple[dict, dict]:
+        res = subprocess.run([sys.executable, "-m", "pytest", "suites/test_fidelity.py", "-k", k, "-q", "-rA",
+                              "-p", "no:cacheprovider", "--results-dir", str(tmp_path / name), *extra],
+                             cwd=root, capture_output=True, text=True, timeout=600,
+                             env={k_: v for k_, v in os.environ.items() if k_ != "INFLUENCE_BENCH_SHIPPED_GT"})
+        verdicts = {}
+        for line in res.stdout.splitlines():
+            word, _, rest = line.partition(" ")
+            if word in ("PASSED", "FAILED", "SKIPPED", "XFAIL", "XPASS", "ERROR") and "::" in rest:
+                verdicts[rest.split(" ")[0]] = word
+        cases: dict = {}
+        for run in (tmp_path / name / "runs").glob("run-*.json"):
+            cases.update(_values(load_run(run).cases))
+        return verdicts, cases
+
+    serial = session("serial")
+    parallel = session("xdist", "-n", "2")
+    assert len(serial[0]) == 2, serial[0]
+    if parallel[0] != serial[0]:
+        raise SilentWrong(f"pytest -n 2 verdicts {parallel[0]} differ from serial {serial[0]}")
+    if parallel[1] != serial[1]:
+        diff = sorted(set(parallel[1]) ^ set(serial[1])) or [k for k in serial[1] if serial[1][k] != parallel[1][k]]
+        raise SilentWrong(f"pytest -n 2 cases differ from the serial run's: {diff[:6]}")

@@ -56,7 +56,7 @@ def _start(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _values(cases) -> dict:
-    return {(c.setting, c.protocol, c.metric): (c.status, c.value, tuple(c.per_test)) for c in cases}
+    return {(c.estimator, c.setting, c.protocol, c.metric): (c.status, c.value, tuple(c.per_test)) for c in cases}
 
 
 @pytest.fixture
