@@ -55,6 +55,9 @@ def test_noised_estimator_fails_the_gate_unchanged_reruns_pass(tmp_path):
     (run,) = (tmp_path / "results" / "runs").glob("run-*.json")
     baseline = tmp_path / "baseline.json"
     assert main(["baseline", "update", str(run), "--out", str(baseline)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert baseline.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's usual mode, not a temp file's 0600
     gate = ["--baseline", str(baseline), "--gate", "spearman:-0.05", "--gate", "pearson:-0.05"]
     for _ in range(2):
         again = _suite(tmp_path, "0", *gate)

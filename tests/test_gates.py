@@ -1,6 +1,7 @@
 """Regression gates over synthetic run files: the noise-aware rule and every output category."""
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,3 +285,83 @@ def test_cli_compare_bad_input_names_the_file(tmp_path, capsys):
     assert "partial.json: cannot be read as JSON" in capsys.readouterr().err
     assert main(["compare", base, "--baseline", base, "--gate", "spearman:+1"]) == 2
     assert "tolerates a drop" in capsys.readouterr().err
+
+
+def test_values_no_metric_can_take_are_refused_naming_the_case():
+    from influence_bench.reporting.gates import GateInputError, check_gate_input, value_problems
+
+    assert value_problems(case()) == [] and value_problems(case(value=1.0 + 1e-12)) == []  # rounding is not range
+    assert value_problems(case(value=float("nan"))) == []  # in memory, NaN is "undefined": not comparable
+    assert value_problems(case(value=float("nan")), nan=True) == ["value is NaN (an undefined value is null)"]
+    assert value_problems(case(value=-1.5)) == ["value -1.5 is outside [-1, 1], the range of spearman"]
+    assert value_problems(case(metric="topk-overlap", value=-0.1)) == [
+        "value -0.1 is outside [0, 1], the range of topk-overlap"]
+    assert value_problems(case(ci=(0.5, 1.2))) == []  # a t-interval may reach past 1
+    assert value_problems(case(ci=(0.5, float("inf")))) == ["ci_high is inf"]
+    assert value_problems(replace(pcase(per=[0.5, 2.0]), value=0.5)) == [
+        "per_test[1] 2 is outside [-1, 1], the range of spearman"]
+    assert value_problems(case(wall_time_s=-0.5)) == ["wall_time_s -0.5 s is negative"]
+    assert value_problems(case(peak_memory_mb=float("-inf"))) == ["peak_memory_mb is -inf"]
+    # compare_runs refuses both sides, naming the side and the first case
+    with pytest.raises(GateInputError, match=r"^baseline: case est / b / loo-fixed / warm / spearman: value 3 is "
+                                             r"outside \[-1, 1\].* \(and 1 more such value\(s\)\)"):
+        compare_runs(run(case("a")), run(case("a"), case("b", value=3.0, wall_time_s=-1.0)), SPEARMAN)
+    with pytest.raises(GateInputError, match=r"^run: case est / a / .*wall_time_s -1 s is negative"):
+        compare_runs(run(case("a", wall_time_s=-1.0)), run(case("a")), SPEARMAN)
+    with pytest.raises(GateInputError, match="baseline holds no cases: a gate against it would compare nothing"):
+        compare_runs(run(case("a")), run(), SPEARMAN)
+    with pytest.raises(GateInputError, match="run holds no cases"):
+        check_gate_input(run(), "run")
+
+
+def test_baseline_update_merges_and_refuses_errors_over_good_values(tmp_path):
+    from influence_bench.reporting.gates import merge_baseline
+
+    old = replace(run(case("a"), case("b"), case("c", status="skipped", value=None, ci=None)), path=Path("old.json"))
+    new = replace(run(case("a", status="error", value=None, ci=None, message="boom\ntrace"),
+                      case("c", status="skipped", value=None, ci=None, message="no data"), case("d")),
+                  path=Path("new.json"))
+    merged, replaced = merge_baseline([new], old)
+    assert [c.setting for c in merged.cases] == ["a", "c", "d"]  # := the run files, not a union with old
+    assert replaced == ["est / a / loo-fixed / warm / spearman errors in new.json (boom), was 0.8 in old.json"]
+    # between run files: a later skip over an earlier value; a later value over an earlier error is fine
+    merged, replaced = merge_baseline([old, new])
+    assert [c.setting for c in merged.cases] == ["a", "b", "c", "d"] and len(replaced) == 1
+    fixed = replace(run(case("a", value=0.7)), path=Path("fixed.json"))
+    assert merge_baseline([new, fixed], old)[1] == []
+
+
+def test_cli_baseline_update_refuses_keeps_mode_and_writes_atomically(tmp_path, capsys):
+    base = _write(tmp_path / "base.json", run(case("a"), case("b")))
+    failed = _write(tmp_path / "failed.json", run(case("a", status="error", value=None, ci=None, message="boom"),
+                                                   case("b")))
+    out = tmp_path / "baseline.json"
+    assert main(["baseline", "update", base, "--out", str(out)]) == 0
+    os.chmod(out, 0o664)
+    before = out.read_bytes()
+    assert main(["baseline", "update", failed, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "refused: est / a / loo-fixed / warm / spearman errors in" in err and "failed.json" in err
+    assert out.read_bytes() == before
+    assert main(["baseline", "update", failed, "--out", str(out), "--allow-errors"]) == 0
+    assert [c.status for c in load_run(out).cases] == ["error", "ok"] and os.stat(out).st_mode & 0o777 == 0o664
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    # a run file the gate would refuse makes no baseline
+    (tmp_path / "nan.json").write_text(Path(base).read_text().replace('"value": 0.8', '"value": NaN', 1))
+    assert main(["baseline", "update", str(tmp_path / "nan.json"), "--out", str(tmp_path / "b2.json")]) == 2
+    assert "nan.json: case est / a / loo-fixed / warm / spearman: value is NaN" in capsys.readouterr().err
+    assert not (tmp_path / "b2.json").exists()
+
+
+def test_cli_compare_refuses_empty_and_impossible_files(tmp_path, capsys):
+    good = _write(tmp_path / "good.json", run(case("a"), case("b")))
+    empty = _write(tmp_path / "empty.json", run())
+    assert main(["compare", good, "--baseline", empty]) == 2
+    assert "baseline " + empty + " holds no cases" in capsys.readouterr().err
+    (tmp_path / "inf.json").write_text(Path(good).read_text().replace('"wall_time_s": 1.0', '"wall_time_s": Infinity'))
+    assert main(["compare", str(tmp_path / "inf.json"), "--baseline", good, "--gate", "time:+25%"]) == 2
+    assert "run file " + str(tmp_path / "inf.json") + ": case est / a / " in capsys.readouterr().err
+    # a baseline of other estimators: the gate fails and says whose cases each side has
+    other = _write(tmp_path / "other.json", run(case("a", estimator="cg")))
+    assert main(["compare", good, "--baseline", other]) == 1
+    assert "the baseline has no case of the run's estimators (est); it has cg" in capsys.readouterr().out

@@ -1,6 +1,9 @@
 """The floors: the chance floor by confidence interval, floors by claim whatever the name, strict
 known failures with a floor of their own, and measured floors generated from a run."""
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from influence_bench.reporting.schema import Case
@@ -82,6 +85,10 @@ def test_a_known_failure_of_the_chance_floor_replaces_it(tmp_path):
     ('[[floor]]\nmetric = "spearman"\n', "missing 'min'"),
     ('[[xfail]]\nestimator = "e"\nreason = "r"\n', r"\[\[xfail\]\] is gone"),
     ('[[floor]\n', "not valid TOML"),
+    ('[test_points]\nmin_defined = 0\n', "min_defined must be an integer >= 1"),
+    ('[test_points]\nmin_fraction = 1.5\n', r"min_fraction must be a number in \[0, 1\]"),
+    ('[test_points]\nmin_points = 3\n', "unknown field.*min_points"),
+    ('test_points = 3\n', r"\[test_points\] must be a table"),
 ])
 def test_bad_thresholds_files_say_what_is_wrong(tmp_path, text, match):
     with pytest.raises(ThresholdsError, match=match):
@@ -131,3 +138,46 @@ def test_a_known_failure_at_the_edge_of_its_floor_is_not_yet_fixed(tmp_path):
                         'known_failure = "at chance"\nknown_min = -0.2\n')
     assert verdict([case(value=0.1, lo=0.01)], th)[0] == "xfail"  # within FIXED_MARGIN: rounding, not a fix
     assert verdict([case(value=0.2, lo=0.05)], th)[0] == "FAIL"
+
+
+def test_a_verdict_needs_enough_defined_test_points(tmp_path):
+    """Fewer than [test_points] min_defined (3) defined test points, or fewer than min_fraction (half)
+    of those evaluated: FAIL, saying so, whatever the floors (or a known failure) say."""
+    th = load(tmp_path, "")
+    assert (th.test_points.min_defined, th.test_points.min_fraction) == (3, 0.5)  # a file without the table
+    packaged = Thresholds.load().test_points
+    assert (packaged.min_defined, packaged.min_fraction) == (3, 0.5)
+
+    def thin(n, undefined, **kw):
+        return replace(case(value=0.9, lo=0.85, hi=0.95, **kw), n_test=n, n_undefined=undefined)
+
+    assert verdict([thin(5, 5)], th)[0] == "pass"  # half of ten: enough
+    v, failures = verdict([thin(4, 6)], th)
+    assert v == "FAIL" and failures == [(
+        "e on iris-logreg-wd1e-3 (loo-fixed): spearman judged on 4 of 10 test points (6 undefined) < 5 required "
+        "(at least 3 and 50% of those evaluated: thresholds.toml [test_points]): too few to judge")]
+    assert verdict([thin(3, 0)], th)[0] == "pass" and verdict([thin(2, 0)], th)[0] == "FAIL"  # at least 3
+    # the floor's metric is what counts: a thin pearson does not fail a case whose floors are all spearman
+    assert verdict([thin(10, 0), thin(1, 9, metric="pearson")], th)[0] == "pass"
+    th = load(tmp_path, '[[floor]]\nmetric = "pearson"\nmin = 0.5\n')
+    v, failures = verdict([thin(10, 0), thin(1, 9, metric="pearson")], th)
+    assert v == "FAIL" and len(failures) == 1 and "pearson judged on 1 of 10" in failures[0]
+    # a known failure does not make a verdict on too few points an xfail
+    th = load(tmp_path, '[[floor]]\nestimator = "e"\nmetric = "spearman"\nstat = "ci_low"\nmin = 0\n'
+                        'known_failure = "at chance"\nknown_min = -0.2\n')
+    assert verdict([replace(case(value=-0.05, lo=-0.3), n_test=10)], th)[0] == "xfail"
+    assert verdict([replace(case(value=-0.05, lo=-0.3), n_test=2, n_undefined=8)], th)[0] == "FAIL"
+    # configurable
+    th = load(tmp_path, "[test_points]\nmin_defined = 1\nmin_fraction = 0.0\n")
+    assert verdict([thin(1, 9)], th)[0] == "pass"
+
+
+def test_no_committed_verdict_rests_on_too_few_test_points():
+    """Every ok case of the committed baseline is defined at enough test points (all 10 of 10 when
+    [test_points] was introduced), so the rule changes none of its verdicts."""
+    from influence_bench.reporting.schema import load_run
+
+    baseline = Path(__file__).parents[1] / "results" / "baseline.json"
+    tp = Thresholds.load().test_points
+    ok = [c for c in load_run(baseline).cases if c.status == "ok"]
+    assert ok and [c for c in ok if tp.shortfall(c)] == []

@@ -103,39 +103,57 @@ def _reference_cases(given: str | None, cases: list, estimator: str) -> list:
 
 
 def _compare(args) -> int:
-    from influence_bench.reporting.gates import GateSpecError, compare_runs, format_comparison, parse_gate
-    from influence_bench.reporting.schema import RunFileError, load_run
+    from influence_bench.reporting.gates import (
+        GateSpecError,
+        compare_runs,
+        format_comparison,
+        load_gate_file,
+        parse_gate,
+    )
+    from influence_bench.reporting.schema import RunFileError
 
-    try:
+    try:  # a bad SPEC, an unreadable file, no cases or an impossible value: exit 2, never a pass
         gates = [parse_gate(g) for g in args.gate]
-        run, baseline = load_run(args.run), load_run(args.baseline)
+        run, baseline = load_gate_file(args.run, "run file"), load_gate_file(args.baseline, "baseline")
+        res = compare_runs(run, baseline, gates)
     except (GateSpecError, RunFileError) as exc:
         print(f"influence-bench: {exc}", file=sys.stderr)
         return 2
-    res = compare_runs(run, baseline, gates)
     print(format_comparison(res, args.run, args.baseline))
     return 1 if res.failed else 0
 
 
 def _baseline(args) -> int:
-    from influence_bench.reporting.runfiles import write_run_obj
+    from influence_bench.reporting.gates import load_gate_file, merge_baseline, write_baseline
     from influence_bench.reporting.schema import RunFileError, load_run
 
-    try:
-        runs = [load_run(p) for p in args.runs]
+    try:  # a run a gate could not use (no cases, NaN, impossible values) makes no baseline either
+        runs = [load_gate_file(p, "run file") for p in args.runs]
     except RunFileError as exc:
         print(f"influence-bench: {exc}", file=sys.stderr)
         return 2
-    merged = runs[-1]
-    if len(runs) > 1:  # later runs win per (estimator, setting, protocol, mode, metric)
-        cases = {}
-        for r in runs:
-            cases.update({(c.estimator, c.setting, c.protocol, c.mode, c.metric): c for c in r.cases})
-        merged.cases = list(cases.values())
+    out, existing = Path(args.out), None
+    if out.exists():
+        try:
+            existing = load_run(out)
+        except RunFileError as exc:  # unreadable: nothing in it to keep
+            print(f"influence-bench: note: replacing an unreadable baseline: {exc}", file=sys.stderr)
+    merged, replaced = merge_baseline(runs, existing)  # later runs win per case
+    if replaced and not args.allow_errors:
+        more = f" (and {len(replaced) - 1} more)" if len(replaced) > 1 else ""
+        print(f"influence-bench: baseline update refused: {replaced[0]}{more}; a failed run must not replace a "
+              f"good baseline value: rerun it, or pass --allow-errors to write the errors", file=sys.stderr)
+        return 1
+    for line in replaced[:5] + ([f"... and {len(replaced) - 5} more"] if len(replaced) > 5 else []):
+        print(f"influence-bench: --allow-errors: {line}", file=sys.stderr)
     for c in merged.cases:  # a gate needs values and CIs; long traces (residual histories) stay in the runs
         c.diagnostics = {k: v for k, v in c.diagnostics.items() if not (isinstance(v, list) and len(v) > 32)}
     merged.extra = {**merged.extra, "baseline_of": [Path(p).name for p in args.runs]}
-    path = write_run_obj(Path(args.out), merged)
+    try:
+        path = write_baseline(out, merged)
+    except (OSError, ValueError) as exc:  # ValueError: a NaN deep in a case's diagnostics (JSON has none)
+        print(f"influence-bench: cannot write the baseline {out}: {exc} (the old file is unchanged)", file=sys.stderr)
+        return 2
     print(f"baseline written to {path} ({len(merged.cases)} cases from {len(runs)} run file(s))")
     return 0
 
@@ -241,9 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="write the baseline that `compare` and `--baseline` gate against")
     bl_sub = bl.add_subparsers(dest="action", required=True)
-    up = bl_sub.add_parser("update", help="baseline := these run files (later files win per case)")
+    up = bl_sub.add_parser("update", help="baseline := these run files (later files win per case); refuses to "
+                                          "replace a good value with an error or a skip")
     up.add_argument("runs", nargs="+", metavar="RUN.json")
-    up.add_argument("--out", default="results/baseline.json")
+    up.add_argument("--out", default="results/baseline.json",
+                    help="written atomically, keeping the existing file's mode (default results/baseline.json)")
+    up.add_argument("--allow-errors", action="store_true",
+                    help="write even where an error or skipped case replaces a good value (of the file at --out or "
+                         "of an earlier run file); without it that is refused (exit 1)")
     up.set_defaults(func=_baseline)
 
     from influence_bench.cli import paper as cli_paper

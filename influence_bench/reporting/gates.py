@@ -33,19 +33,35 @@ in the baseline **regresses** when the run
 
 A gate that compared no case at all (nothing matched, or nothing had values on both sides) fails the
 comparison and says so: a gate that checked nothing must not pass.
+
+**Inputs a gate refuses** (``GateInputError``, a ``RunFileError``: the command line exits 2, pytest
+stops with a usage error): a run or baseline with no cases; a value no metric or measurement can
+take: infinite, a correlation outside [-1, 1], a top-k overlap outside [0, 1], a negative time or
+memory. ``compare_runs`` checks that on its two runs; ``load_gate_file`` also refuses NaN, which a
+run file never holds (``Case.to_json`` writes an undefined value as null), so a NaN read from a file
+is a hand edit or corruption, not an undefined metric. The message names the file and the case.
+
+``merge_baseline`` and ``write_baseline`` are ``influence-bench baseline update``: later run files
+win per case, but a good value (an ok case with a value, in the existing baseline or an earlier run
+file) is not replaced by an error or a skip unless asked (``--allow-errors``), and the file is
+replaced atomically, keeping its mode.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from influence_bench.metrics import METRICS
-from influence_bench.reporting.schema import Case, Run
+from influence_bench.reporting.schema import Case, Run, RunFileError, load_run
 
 COSTS = {"time": ("wall_time_s", "s", 0.1), "memory": ("peak_memory_mb", "MiB", 10.0)}
 DEFAULT_GATES = ("spearman:-0.05",)
@@ -55,6 +71,18 @@ _SPEC = re.compile(r"^([A-Za-z_][\w-]*):([+-]?)(\d+(?:\.\d*)?|\.\d+)(%?)$")
 
 class GateSpecError(ValueError):
     pass
+
+
+class GateInputError(RunFileError):
+    """A run or baseline a gate cannot use (no cases, a value no metric can take); the message names
+    the file and the case."""
+
+
+# the values each metric can take (a value outside is corruption, not a measurement); others: any finite
+RANGES = {"spearman": (-1.0, 1.0), "pearson": (-1.0, 1.0), "topk-overlap": (0.0, 1.0)}
+_SLACK = 1e-6  # floating-point rounding: a Pearson of 1 + 2e-16 is 1
+_SCORES = ("value", "median", "min", "at_highest_loss", "at_median_loss")  # in the metric's range
+_BOUNDS = ("ci_low", "ci_high")  # finite only: a t-interval may reach past [-1, 1]
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,8 @@ class Comparison:
     not_comparable: list[Finding] = field(default_factory=list)
     unchanged: int = 0
     compared: dict = field(default_factory=dict)  # str(gate) -> cases it reached a verdict on
+    run_estimators: tuple = ()  # who is in each file (says why a gate compared nothing)
+    baseline_estimators: tuple = ()
 
     @property
     def empty_gates(self) -> list[str]:
@@ -265,9 +295,81 @@ def _selected_entry(selection: list[dict], key: tuple, g: Gate) -> dict | None:
     return None
 
 
+def _label(c: Case) -> str:
+    return f"{c.estimator} / {c.setting} / {c.protocol} / {c.mode} / {c.metric}"
+
+
+def value_problems(c: Case, nan: bool = False) -> list[str]:
+    """What in ``c`` no metric or measurement can produce: an infinite value, a score outside its
+    metric's range (``RANGES``), a negative time or memory; with ``nan``, also a NaN (in a run file
+    an undefined value is null, never NaN)."""
+    lo, hi = RANGES.get(c.metric, (-math.inf, math.inf))
+    found = []
+
+    def check(name: str, v, lo: float = -math.inf, hi: float = math.inf, unit: str = "") -> None:
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        if math.isnan(v):
+            if nan:
+                found.append(f"{name} is NaN (an undefined value is null)")
+        elif math.isinf(v):
+            found.append(f"{name} is {v}")
+        elif v < lo - _SLACK or v > hi + _SLACK:
+            found.append(f"{name} {v:g}{unit} is negative" if lo == 0 and hi == math.inf and v < 0
+                         else f"{name} {v:g} is outside [{lo:g}, {hi:g}], the range of {c.metric}")
+
+    for name in _SCORES:
+        check(name, getattr(c, name), lo, hi)
+    for name in _BOUNDS:
+        check(name, getattr(c, name))
+    for i, v in enumerate(c.per_test):
+        check(f"per_test[{i}]", v, lo, hi)
+    for g in COSTS.values():
+        check(g[0], getattr(c, g[0]), 0.0, math.inf, f" {g[1]}")
+    for name in ("n_test", "n_undefined"):
+        if getattr(c, name) < 0:
+            found.append(f"{name} {getattr(c, name)} is negative")
+    return found
+
+
+def _where(run: Run, role: str) -> str:
+    return f"{role} {run.path}" if run.path is not None else role
+
+
+def check_gate_input(run: Run, role: str = "run", nan: bool = False) -> None:
+    """Raise ``GateInputError`` when ``run`` holds no cases or a value no metric can take
+    (``value_problems``); the message names ``role`` and the file, the first offending case and
+    how many more there are."""
+    where = _where(run, role)
+    if not run.cases:
+        hint = (": a gate against it would compare nothing; write one with "
+                "`influence-bench baseline update RUN.json`" if role == "baseline" else ": nothing to compare")
+        raise GateInputError(f"{where} holds no cases{hint}")
+    bad = [(c, p) for c in run.cases for p in value_problems(c, nan)]
+    if bad:
+        c, problem = bad[0]
+        more = f" (and {len(bad) - 1} more such value(s))" if len(bad) > 1 else ""
+        raise GateInputError(f"{where}: case {_label(c)}: {problem}{more}; no gate can use this file: "
+                             "fix it or write it again")
+
+
+def load_gate_file(path: Path | str, role: str = "run file") -> Run:
+    """``load_run`` plus ``check_gate_input`` with NaN refused: a file a gate can use, or a
+    ``RunFileError`` naming it."""
+    run = load_run(path)
+    check_gate_input(run, role, nan=True)
+    return run
+
+
 def compare_runs(run: Run, baseline: Run, gates: tuple[Gate, ...] | list[Gate] = ()) -> Comparison:
+    """Compare ``run`` with ``baseline`` under ``gates`` (default ``DEFAULT_GATES``). Raises
+    ``GateInputError`` when either has no cases or a value no metric can take (``check_gate_input``;
+    NaN is "undefined" in memory and is merely not comparable)."""
     gates = tuple(gates) or tuple(parse_gate(s) for s in DEFAULT_GATES)
-    res = Comparison(gates)
+    check_gate_input(baseline, "baseline")
+    check_gate_input(run, "run")
+    res = Comparison(gates, run_estimators=tuple(sorted({c.estimator for c in run.cases})),
+                     baseline_estimators=tuple(sorted({c.estimator for c in baseline.cases})))
     now, before = _index(run, gates), _index(baseline, gates)
     selection = _selection(run)
     for key in sorted(set(now) | set(before)):
@@ -288,6 +390,62 @@ def compare_runs(run: Run, baseline: Run, gates: tuple[Gate, ...] | list[Gate] =
     return res
 
 
+def _key(c: Case) -> tuple:
+    return (c.estimator, c.setting, c.protocol, c.mode, c.metric)
+
+
+def _good(c: Case) -> bool:
+    return c.status == "ok" and c.value is not None and math.isfinite(c.value)
+
+
+def merge_baseline(runs: list[Run], existing: Run | None = None) -> tuple[Run, list[str]]:
+    """``influence-bench baseline update``: the baseline of ``runs`` (the last run's header; later
+    files win per (estimator, setting, protocol, mode, metric)), and one line per good value (an ok
+    case with a value) that an error or a skipped case replaces, whether the good value was in
+    ``existing`` (the baseline file being replaced) or in an earlier run file. The caller refuses
+    to write when there are any, unless told to allow them."""
+    last_good: dict[tuple, tuple[float, str]] = {}
+    for c in existing.cases if existing is not None else ():
+        if _good(c):
+            last_good[_key(c)] = (c.value, str(existing.path or "the baseline"))
+    merged: dict[tuple, tuple[Case, str]] = {}
+    for r in runs:
+        for c in r.cases:
+            merged[_key(c)] = (c, str(r.path or "a run"))
+            if _good(c):
+                last_good[_key(c)] = (c.value, str(r.path or "a run"))
+    replaced = []
+    for k, (c, src) in merged.items():
+        if c.status in ("error", "skipped") and k in last_good:
+            value, where = last_good[k]
+            what = "errors" if c.status == "error" else "is skipped"
+            replaced.append(f"{_label(c)} {what} in {src} ({_first_line(c)}), was {value:.4g} in {where}")
+    base = runs[-1]
+    out = Run(base.path, base.schema_version, base.created, base.tier, base.machine, base.commit,
+              [c for c, _ in merged.values()], dict(base.extra))
+    return out, replaced
+
+
+def write_baseline(path: Path | str, run: Run) -> Path:
+    """Write ``run`` to ``path`` atomically (a temporary file beside it, then ``os.replace``: a crash
+    never leaves half a baseline), keeping the mode of the file it replaces (a new file gets
+    0666 less the umask, like any file the user creates)."""
+    from influence_bench.paths import atomic_path
+
+    path = Path(path)
+    text = json.dumps(run.to_json(), indent=2, allow_nan=False) + "\n"  # fails before anything is touched
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
+    return path
+
+
 def format_comparison(res: Comparison, run_name: str = "run", baseline_name: str = "baseline",
                       max_listed: int | None = None) -> str:
     """Text report: one section per category (regressions first); ``max_listed`` caps the new and
@@ -305,6 +463,9 @@ def format_comparison(res: Comparison, run_name: str = "run", baseline_name: str
             lines.append(f"  ... and {len(items) - cap} more")
     for g in res.empty_gates:
         lines.append(f"gate {g} compared no case: no case of its metric has a value in both the run and the baseline")
+    if res.empty_gates and res.run_estimators and not set(res.run_estimators) & set(res.baseline_estimators):
+        lines.append(f"the baseline has no case of the run's estimators ({', '.join(res.run_estimators)}); it has "
+                     f"{', '.join(res.baseline_estimators)}")
     if res.failed:
         why = [f"{len(res.regressions)} regression(s)"] if res.regressions or not res.empty_gates else []
         why += [f"gate {g} compared nothing" for g in res.empty_gates]

@@ -19,6 +19,13 @@ FAILs below ``known_min``, and it FAILs when it *passes* the floor by ``FIXED_MA
 failure fixed: remove the rule"), so a fix cannot go unnoticed and a known failure can still
 regress; within the margin of its floor it stays ``xfail`` (a rounding difference between machines
 must not flip a verdict).
+
+**A verdict needs evidence** (``[test_points]``, ``TestPoints``): a metric is undefined at a test point
+whose predicted or retrained row is constant, and a mean over the few test points left says little.
+A case whose floors' metric is defined at fewer than ``min_defined`` test points, or at fewer than
+``min_fraction`` of the test points it was evaluated on (``n_test`` defined + ``n_undefined``), is
+``FAIL`` with a line saying so ("judged on 1 of 10 test points"), whatever its floors say and even
+where a known failure would make it ``xfail``: a verdict on nothing is never a pass.
 """
 
 from __future__ import annotations
@@ -104,9 +111,46 @@ def _read(path: Path | None, name: str) -> dict:
 
 
 @dataclass(frozen=True)
+class TestPoints:
+    """``[test_points]``: how many test points a metric must be defined at for a verdict."""
+
+    __test__ = False  # not a pytest test class
+    min_defined: int = 3  # at least this many defined test points
+    min_fraction: float = 0.5  # and at least this fraction of the test points evaluated
+
+    def required(self, evaluated: int) -> int:
+        return max(self.min_defined, math.ceil(self.min_fraction * evaluated - 1e-9))
+
+    def shortfall(self, case) -> str | None:
+        """Why ``case`` has too few defined test points for a verdict; None when it has enough."""
+        defined, evaluated = case.n_test, case.n_test + case.n_undefined
+        need = self.required(evaluated)
+        if defined >= need:
+            return None
+        return (f"judged on {defined} of {evaluated} test points ({case.n_undefined} undefined) < {need} required "
+                f"(at least {self.min_defined} and {self.min_fraction:.0%} of those evaluated: thresholds.toml "
+                "[test_points]): too few to judge")
+
+
+def _test_points(raw: dict, where: str) -> TestPoints:
+    unknown = set(raw) - {"min_defined", "min_fraction"}
+    if unknown:
+        raise ThresholdsError(f"{where}: unknown field(s) {sorted(unknown)}; known: ['min_defined', 'min_fraction']")
+    tp = TestPoints(**raw)
+    if isinstance(tp.min_defined, bool) or not isinstance(tp.min_defined, int) or tp.min_defined < 1:
+        raise ThresholdsError(f"{where}: min_defined must be an integer >= 1, got {tp.min_defined!r} (a verdict "
+                              "on no test point would be a verdict on nothing)")
+    if isinstance(tp.min_fraction, bool) or not isinstance(tp.min_fraction, (int, float)) \
+            or not 0 <= tp.min_fraction <= 1:
+        raise ThresholdsError(f"{where}: min_fraction must be a number in [0, 1], got {tp.min_fraction!r}")
+    return tp
+
+
+@dataclass(frozen=True)
 class Thresholds:
     floors: tuple[Floor, ...]
     chance: Floor
+    test_points: TestPoints = TestPoints()
 
     @classmethod
     def load(cls, path: Path | None = None, measured: Path | None | bool = None) -> Thresholds:
@@ -127,7 +171,10 @@ class Thresholds:
                                   "and known_min (strict: it fails when fixed and below known_min)")
         c = {"metric": "spearman", "min": 0.0, "stat": "ci_low", **raw.get("chance", {})}
         chance = _floor({k: v for k, v in c.items()}, f"{name} [chance]")
-        return cls(tuple(floors), chance)
+        tp = raw.get("test_points", {})
+        if not isinstance(tp, dict):
+            raise ThresholdsError(f"{name}: [test_points] must be a table")
+        return cls(tuple(floors), chance, _test_points(tp, f"{name} [test_points]"))
 
     def floors_for(self, estimator: str, setting: str, protocol: str, tags=()) -> list[Floor]:
         """Every floor that applies: the chance floor and the matching rules, less those a matching
@@ -166,9 +213,10 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of
     """Verdict per (setting, estimator, protocol) and one self-explaining line per failed floor.
 
     Verdicts: ``pass``, ``FAIL``, ``xfail`` (only known failures failed, each above its
-    ``known_min``), or the case's status (``skipped`` / ``error``). Known failures' lines go to
-    ``known`` (if given). An estimator's tags come from its cases (``Case.tags``), else from
-    ``tags_of(name)``.
+    ``known_min``), or the case's status (``skipped`` / ``error``). A metric a floor bounds that is
+    defined at too few test points (``Thresholds.test_points``) is a ``FAIL`` of its own, and that
+    metric's floors are not consulted. Known failures' lines go to ``known`` (if given). An
+    estimator's tags come from its cases (``Case.tags``), else from ``tags_of(name)``.
     """
     verdicts: dict = {}
     failures: list[str] = []
@@ -182,9 +230,15 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of
             verdicts[(setting, est, proto)] = any_case.status
             continue
         tags = getattr(any_case, "tags", None) or (tags_of(est) if tags_of else ())
-        bad, expected = [], []
+        bad, expected, thin = [], [], set()
         for f in thresholds.floors_for(est, setting, proto, tags):
             c = ms.get(f.metric)
+            short = None if c is None else thresholds.test_points.shortfall(c)
+            if short is not None or f.metric in thin:  # a verdict on nothing is no pass (nor an xfail)
+                if f.metric not in thin:
+                    thin.add(f.metric)
+                    bad.append(f"{est} on {setting} ({proto}): {f.metric} {short}")
+                continue
             got = stat_of(c, f.stat)
             held = got is not None and got >= f.min
             if f.known_failure and held and got < f.min + FIXED_MARGIN:
