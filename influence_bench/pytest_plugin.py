@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError, untrusted_cwd_note
+from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError
 from influence_bench.data.datasets import DataUnavailable
 from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS, Setting
@@ -174,11 +174,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         REGISTRY.trust_cwd = config.stash[_TRUST_BEFORE]
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    note = untrusted_cwd_note(REGISTRY.trust_cwd)
-    return [f"influence-bench: {note}"] if note else []
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """A registry failure met while generating the cases is a usage error (one line, no traceback).
     Tests marked ``gpu`` skip, saying why, on a machine without CUDA."""
@@ -307,8 +302,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    for failure in REGISTRY.failures:  # estimators chosen by --estimator ran; these plug-ins did not load
-        terminalreporter.write_line(f"influence-bench: {failure}", yellow=True)
+    for line in REGISTRY.notes + [str(f) for f in REGISTRY.failures]:  # ./estimators not trusted; plug-ins that
+        terminalreporter.write_line(f"influence-bench: {line}", yellow=True)  # failed (--estimator chose others)
     bench = config.stash.get(_KEY, None)
     if bench is not None and not bench.cases and bench.baseline is not None:
         terminalreporter.section("influence-bench regression gate", red=True)

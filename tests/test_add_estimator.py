@@ -1,9 +1,11 @@
 """The README's "Add your estimator" walkthrough, executed as written: the estimator file copied
-out of README.md, `influence-bench score` from the folder holding it, and registration of a
-separately pip-installed package through the entry-point group."""
+out of README.md, README.md's `influence-bench score` command (with its opt-in for ./estimators) from
+the folder holding it, and registration of a separately pip-installed package through the entry-point
+group."""
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -23,9 +25,17 @@ def _readme_estimator_file() -> str:
     return blocks[0]
 
 
+def _readme_score_command() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("influence-bench score my-estimator ")]
+    assert len(lines) == 1, "README.md must show exactly one `influence-bench score my-estimator ...` command"
+    return shlex.split(lines[0])[1:]
+
+
 def _cli(*args: str, cwd: Path, extra_path: str = "") -> subprocess.CompletedProcess:
     path = os.pathsep.join(p for p in (extra_path, str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "INFLUENCE_BENCH_TRUST_CWD"}
+    env = {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "influence_bench.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -33,11 +43,13 @@ def _cli(*args: str, cwd: Path, extra_path: str = "") -> subprocess.CompletedPro
 def test_readme_walkthrough_scores_the_new_estimator_next_to_the_builtins(tmp_path):
     (tmp_path / "estimators").mkdir()
     (tmp_path / "estimators" / "my_estimator.py").write_text(_readme_estimator_file())
-    listed = _cli("list", "estimators", cwd=tmp_path)
+    untrusted = _cli("list", "estimators", cwd=tmp_path)  # ./estimators runs only on an opt-in
+    assert untrusted.returncode == 0 and "my-estimator" not in untrusted.stdout, untrusted.stdout
+    assert "--trust-cwd-estimators" in untrusted.stderr, untrusted.stderr
+    listed = _cli("list", "estimators", "--trust-cwd-estimators", cwd=tmp_path)
     assert listed.returncode == 0 and "my-estimator" in listed.stdout, listed.stdout + listed.stderr
 
-    res = _cli("score", "my-estimator", "--settings", "iris-logreg-wd1e-3", "--results-dir",
-               str(tmp_path / "results"), cwd=tmp_path)
+    res = _cli(*_readme_score_command(), "--results-dir", str(tmp_path / "results"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line for line in res.stdout.splitlines() if "loo-fixed" in line or "loo-topk" in line]
     mine = [r for r in rows if " my-estimator " in r]

@@ -39,3 +39,44 @@ def test_console_script_is_installed():
     assert os.path.exists(exe), "install the package (pip install -e .) to get the console script"
     out = subprocess.run([exe, "list", "estimators"], capture_output=True, text=True, check=True).stdout
     assert "exact" in out
+
+
+def test_option_values_are_checked_before_anything_runs(capsys):
+    import pytest
+
+    for argv, option in ((["score", "exact", "--device", "gpu0"], "--device"),
+                         (["ground-truth", "build", "iris-logreg-wd1e-3", "--chunk", "0"], "--chunk"),
+                         (["ground-truth", "verify", "iris-logreg-wd1e-3", "--sample", "-2"], "--sample"),
+                         (["bench", "ground-truth", "iris-logreg-wd1e-3", "--rtol", "inf"], "--rtol")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {option}:" in err and len(err.strip().splitlines()) == 2, err
+
+
+def test_device_check():
+    import argparse
+
+    import pytest
+    import torch
+
+    from influence_bench.cli.options import device
+
+    assert device("cpu") == "cpu"
+    for bad in ("gpu0", "cuda:99", "", "tpu"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            device(bad)
+    if torch.cuda.is_available():
+        assert device("cuda") == "cuda" and device("cuda:0") == "cuda:0"
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="no usable CUDA device"):
+            device("cuda")
+
+
+def test_failures_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("INFLUENCE_BENCH_DEBUG", raising=False)
+    assert main(["score", "no-such-estimator"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("influence-bench: unknown estimator 'no-such-estimator'") and "Traceback" not in err
+    assert main(["--debug", "score", "no-such-estimator"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

@@ -1,5 +1,14 @@
 """One registry of estimators, filled by the ``@register`` decorator, by the ``.py`` files of the
 estimator directories (discovered by path) and by the ``influence_bench.estimators`` entry-point group.
+
+Which directories: the built-ins (``builtin_dir()``), always; the directories listed in
+``$INFLUENCE_BENCH_ESTIMATORS`` (naming them is the opt-in); and ``./estimators`` of the working
+directory only when it is trusted (``cwd_trusted()``): importing a file runs its code, so running the
+tool in a checkout someone else wrote must not execute that checkout's ``estimators/*.py`` unasked.
+
+A plug-in that fails to load (an entry point that raises, a file with a syntax error, a duplicate
+name) does not take the others down: it is recorded in ``Registry.failures``, each naming the entry
+point (its value and distribution) or the file, and ``get`` of a name it would have provided says so.
 """
 
 from __future__ import annotations
@@ -9,16 +18,46 @@ import importlib.util
 import inspect
 import os
 import sys
+import tomllib
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from influence_bench.api.estimator import Estimator
 
 ENTRY_POINT_GROUP = "influence_bench.estimators"
+TRUST_ENV = "INFLUENCE_BENCH_TRUST_CWD"  # =1: import ./estimators of the working directory
+TRUST_FLAG = "--trust-cwd-estimators"  # the same, on the command line and as a pytest option
+TRUST_TOML = "[tool.influence-bench] trust-cwd-estimators = true"  # the same, in ./pyproject.toml
 
 
 class RegistryError(LookupError):
     pass
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A plug-in that did not load: ``what`` names it (entry point with value and distribution, or
+    file), ``name`` is the estimator name it would likely have provided, ``error`` the one-line why."""
+
+    what: str
+    name: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.what} failed to load: {self.error}"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        text = f"{exc.msg} ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _location(cls: type) -> str:
@@ -33,6 +72,11 @@ class Registry:
         self._classes: dict[str, type[Estimator]] = {}
         self._loaded_files: set[Path] = set()
         self._discovered = False
+        #: None: ``cwd_trusted()`` decides (env, ./pyproject.toml); True/False: the caller's choice
+        #: (the pytest option sets True)
+        self.trust_cwd: bool | None = None
+        self.failures: list[LoadFailure] = []  # plug-ins that did not load (see the module docstring)
+        self.notes: list[str] = []  # what a front end should say once (./estimators not loaded)
 
     # ---- filling -------------------------------------------------------------------------
     def add(self, cls: type[Estimator]) -> type[Estimator]:
@@ -41,6 +85,12 @@ class Registry:
         name = getattr(cls, "name", "")
         if not name or not isinstance(name, str):
             raise RegistryError(f"estimator class {_location(cls)} has no `name`")
+        required = _required_arguments(cls)
+        if required:
+            raise RegistryError(
+                f"estimator {name!r} ({_location(cls)}): hyperparameter field(s) {', '.join(required)} have no "
+                "default; give every field a default (the harness creates estimators without arguments)"
+            )
         old = self._classes.get(name)
         if old is not None and old is not cls:
             if _location(old) == _location(cls):  # same file imported twice under two module names
@@ -80,25 +130,59 @@ class Registry:
         finally:
             _LOADING.pop()
 
-    def load_dir(self, directory: Path) -> None:
+    def load_dir(self, directory: Path, keep_going: bool = False) -> None:
+        """Import every ``*.py`` of ``directory`` (not ``_*.py``); ``keep_going``: record a file that
+        fails in ``failures`` and go on with the others."""
         for path in sorted(Path(directory).glob("*.py")):
-            if not path.name.startswith("_"):
+            if path.name.startswith("_"):
+                continue
+            try:
                 self.load_file(path)
+            except RegistryError as exc:
+                if not keep_going:
+                    raise
+                why = _one_line(exc.__cause__) if exc.__cause__ is not None else str(exc)
+                self.failures.append(LoadFailure(f"estimator file {path}", path.stem, why))
 
-    def load_entry_points(self) -> None:
+    def load_entry_points(self, keep_going: bool = False) -> None:
+        """Load the ``influence_bench.estimators`` entry points: each a class, or a module whose import
+        registers its classes. ``keep_going``: record one that fails in ``failures``, load the others."""
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            obj = ep.load()  # a class, or a module whose import registers its classes
-            if isinstance(obj, type) and issubclass(obj, Estimator):
-                if self._classes.get(obj.name) is not obj:
-                    self.add(obj)
+            try:
+                self._load_entry_point(ep)
+            except Exception as exc:  # noqa: BLE001 - any error of third-party code, named below
+                failure = LoadFailure(_describe_entry_point(ep), ep.name, str(exc) if isinstance(exc, RegistryError)
+                                      else _one_line(exc))
+                if not keep_going:
+                    raise RegistryError(str(failure)) from exc
+                self.failures.append(failure)
+
+    def _load_entry_point(self, ep) -> None:
+        import types
+
+        _LOADING.append(self)  # `@register` in the module it imports fills this registry
+        try:
+            obj = ep.load()
+        finally:
+            _LOADING.pop()
+        if isinstance(obj, type) and issubclass(obj, Estimator):
+            if self._classes.get(obj.name) is not obj:
+                self.add(obj)
+        elif not isinstance(obj, types.ModuleType):
+            raise RegistryError(f"it points to {obj!r}, not an influence_bench.Estimator subclass or a module "
+                                "whose import registers estimators")
 
     def discover(self) -> None:
         if self._discovered:
             return
         self._discovered = True
-        for d in estimator_dirs():
-            self.load_dir(d)
-        self.load_entry_points()
+        trusted = self.trust_cwd if self.trust_cwd is not None else cwd_trusted()
+        for d in estimator_dirs(trusted):
+            self.load_dir(d, keep_going=True)
+        self.load_entry_points(keep_going=True)
+        note = untrusted_cwd_note(trusted)
+        if note:
+            self.notes.append(note)
 
     # ---- lookup --------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -110,11 +194,17 @@ class Registry:
         try:
             return self._classes[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._classes, n=3, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise RegistryError(
-                f"unknown estimator {name!r}.{hint} Known: {', '.join(sorted(self._classes))}"
-            ) from None
+            pass
+        norm = name.replace("_", "-")
+        mine = [f for f in self.failures if f.name.replace("_", "-") == norm]
+        if mine:  # the plug-in that would have provided it failed: that is the message
+            raise RegistryError(f"estimator {name!r} is not available: {mine[0]}") from None
+        close = difflib.get_close_matches(name, self._classes, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        why = "".join(f" ({note})" for note in self.notes)
+        if self.failures:
+            why += f" ({len(self.failures)} plug-in(s) failed to load; `influence-bench list estimators` names them)"
+        raise RegistryError(f"unknown estimator {name!r}.{hint} Known: {', '.join(sorted(self._classes))}{why}")
 
     def create(self, name: str, **hyperparameters) -> Estimator:
         cls = self.get(name)
@@ -122,6 +212,27 @@ class Registry:
             return cls(**hyperparameters)
         except TypeError as exc:
             raise RegistryError(f"estimator {name!r}: bad hyperparameters {hyperparameters}: {exc}") from exc
+
+
+def _required_arguments(cls: type) -> list[str]:
+    """Constructor parameters without a default (a dataclass field without one, most often)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def _describe_entry_point(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    where = ""
+    if dist is not None:
+        try:
+            where = f" of distribution {dist.metadata['Name']} {dist.version}"
+        except Exception:  # noqa: BLE001 - metadata of a broken install: name what we can
+            where = f" of distribution {getattr(dist, 'name', '?')}"
+    return f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP}){where}"
 
 
 def _module_name(path: Path) -> str:
@@ -142,9 +253,71 @@ def builtin_dir() -> Path:
     return here.parent / "estimators"
 
 
-def estimator_dirs() -> list[Path]:
-    """Built-ins, then ``./estimators`` of the working directory, then ``$INFLUENCE_BENCH_ESTIMATORS``."""
-    dirs = [builtin_dir(), Path.cwd() / "estimators"]
+def cwd_trusted() -> bool:
+    """Whether ``./estimators`` of the working directory may be imported: ``$INFLUENCE_BENCH_TRUST_CWD=1``
+    (the command line's ``--trust-cwd-estimators`` sets it), or ``trust-cwd-estimators = true`` under
+    ``[tool.influence-bench]`` in the working directory's ``pyproject.toml``."""
+    if _truthy(os.environ.get(TRUST_ENV)):
+        return True
+    try:
+        with open(Path.cwd() / "pyproject.toml", "rb") as fh:
+            tool = tomllib.load(fh).get("tool", {}).get("influence-bench", {})
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return False
+    return isinstance(tool, dict) and tool.get("trust-cwd-estimators") is True
+
+
+def _cwd_dir() -> Path:
+    return Path.cwd() / "estimators"
+
+
+def _is_builtin_dir(d: Path) -> bool:
+    try:
+        return d.resolve() == builtin_dir().resolve()
+    except OSError:
+        return False
+
+
+def untrusted_cwd_files() -> list[Path]:
+    """The ``.py`` files of ``./estimators`` that are not this copy's built-ins (by name and bytes),
+    i.e. what trusting the working directory would import."""
+    d = _cwd_dir()
+    if not d.is_dir() or _is_builtin_dir(d):
+        return []
+    builtin = builtin_dir()
+    out = []
+    for path in sorted(d.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        twin = builtin / path.name
+        try:
+            if twin.is_file() and twin.read_bytes() == path.read_bytes():
+                continue
+        except OSError:
+            pass
+        out.append(path)
+    return out
+
+
+def untrusted_cwd_note(trusted: bool | None = None) -> str | None:
+    """One line when ``./estimators`` holds plug-in files that were not imported for want of an opt-in."""
+    if trusted is None:
+        trusted = cwd_trusted()
+    files = [] if trusted else untrusted_cwd_files()
+    if not files:
+        return None
+    names = ", ".join(p.name for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return (f"./estimators ({names}) was not loaded: importing it runs its code; if you trust it, pass "
+            f"{TRUST_FLAG}, set {TRUST_ENV}=1, or put `{TRUST_TOML}` in ./pyproject.toml")
+
+
+def estimator_dirs(trust_cwd: bool | None = None) -> list[Path]:
+    """Built-ins, then ``./estimators`` of the working directory if trusted (``cwd_trusted()`` when
+    ``trust_cwd`` is None; always when it is the built-in directory), then ``$INFLUENCE_BENCH_ESTIMATORS``."""
+    if trust_cwd is None:
+        trust_cwd = cwd_trusted()
+    cwd = _cwd_dir()
+    dirs = [builtin_dir()] + ([cwd] if trust_cwd or _is_builtin_dir(cwd) else [])
     extra = os.environ.get("INFLUENCE_BENCH_ESTIMATORS", "")
     dirs += [Path(p) for p in extra.split(os.pathsep) if p]
     out: list[Path] = []

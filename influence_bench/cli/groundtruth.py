@@ -9,8 +9,10 @@ import time
 import numpy as np
 
 from influence_bench import metrics
+from influence_bench.cli.options import CommandError, device, nonnegative_float, nonnegative_int, positive_int
 from influence_bench.cli.progress import Progress  # noqa: F401
 from influence_bench.spec import catalog
+from influence_bench.spec.settings import TIERS
 
 PROTOCOL_KIND = {"loo-fixed": "loo", "loo-topk": "loo", "lds": "lds"}
 
@@ -25,7 +27,7 @@ def _ids(ctx, protocol: str, estimator: str | None, device: str) -> np.ndarray:
     if protocol == "lds":
         return np.arange(lds.DEFAULT.n_subsets)
     if not estimator:
-        raise ValueError("--protocol loo-topk removes each estimator's own top-k points: give --estimator NAME")
+        raise CommandError("--protocol loo-topk removes each estimator's own top-k points: give --estimator NAME")
     influence, _ = run_estimator(REGISTRY.create(estimator), ctx)
     return np.unique(topk_removals(influence, ctx.setting.protocol.topk))
 
@@ -126,7 +128,7 @@ def add_parser(sub) -> None:
     gt = sub.add_parser("ground-truth", help="build, verify or inspect stored ground truth")
     gsub = gt.add_subparsers(dest="gt_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="cpu")
+    common.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     common.add_argument("--root", default=None, help="store root (default: $INFLUENCE_BENCH_CACHE/ground-truth)")
 
     b = gsub.add_parser("build", parents=[common], help="retrain what the store does not hold yet")
@@ -136,17 +138,18 @@ def add_parser(sub) -> None:
                    help="ground-truth mode (default: the setting's; see docs/protocol.md)")
     b.add_argument("--estimator", default=None, help="for loo-topk: whose top-k points to remove")
     b.add_argument("--executor", choices=["local", "ray"], default="local")
-    b.add_argument("--workers", type=int, default=2, help="Ray CPUs when starting a local Ray instance")
+    b.add_argument("--workers", type=positive_int, default=2, help="Ray CPUs when starting a local Ray instance")
     b.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
-    b.add_argument("--chunk", type=int, default=32, help="models per chunk (one saved shard each)")
+    b.add_argument("--chunk", type=positive_int, default=32, help="models per chunk (one saved shard each)")
     b.set_defaults(func=_build)
 
     v = gsub.add_parser("verify", parents=[common], help="recompute K random stored entries and compare")
     v.add_argument("setting", metavar="SETTING")
     v.add_argument("--protocol", choices=sorted(PROTOCOL_KIND), default="loo-fixed")
-    v.add_argument("--sample", type=int, default=5, metavar="K")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--tol", type=float, default=1e-6, help="max deviation relative to max |delta| (default 1e-6)")
+    v.add_argument("--sample", type=positive_int, default=5, metavar="K")
+    v.add_argument("--seed", type=nonnegative_int, default=0)
+    v.add_argument("--tol", type=nonnegative_float, default=1e-6,
+                   help="max deviation relative to max |delta| (default 1e-6)")
     v.set_defaults(func=_verify)
 
     i = gsub.add_parser("info", parents=[common], help="what is stored for a setting")
@@ -156,7 +159,7 @@ def add_parser(sub) -> None:
     c = gsub.add_parser("convergence", parents=[common],
                         help="how far the stored loo ground truth converged (shipped root and cache)")
     c.add_argument("settings", nargs="*", metavar="SETTING", help="default: every setting of --tier")
-    c.add_argument("--tier", default="smoke")
+    c.add_argument("--tier", choices=TIERS, default="smoke")
     c.set_defaults(func=_convergence)
 
     from influence_bench.cli import ship as cli_ship

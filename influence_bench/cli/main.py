@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from influence_bench.api.registry import REGISTRY, RegistryError
+from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError
+from influence_bench.cli.options import CommandError, check_parsed, device, nonnegative_float, positive_int
+from influence_bench.errors import Terminated
 from influence_bench.paths import repo_root
 from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS
@@ -27,6 +30,8 @@ def _list(args) -> int:
             doc = estimator_summary(cls)
             tags = ",".join(sorted(cls.tags)) or "-"
             print(f"{name:<16} {tags:<16} {doc}")
+        for failure in REGISTRY.failures:  # the others are listed; each broken plug-in is one line
+            print(f"{failure.name:<16} {'NOT LOADED':<16} {failure}")
     else:
         for s in catalog.select(tier=args.tier):
             print(f"{s.id:<28} {s.tier:<8} v{s.version} {s.spec_hash}  {s.description}")
@@ -37,26 +42,60 @@ def _score(args) -> int:
     from influence_bench.data.datasets import DataUnavailable
     from influence_bench.scoring.session import ScoringSession
 
-    try:
-        REGISTRY.get(args.estimator)
-        settings = catalog.select(args.settings, tier=args.tier)
-    except (RegistryError, KeyError) as exc:
-        print(f"influence-bench: {exc}", file=sys.stderr)
-        return 2
+    REGISTRY.get(args.estimator)  # an unknown name (or setting, below) is a usage error: `main` says it, exit 2
+    settings = catalog.select(args.settings, tier=args.tier)
     if not settings:
         print(f"influence-bench: no setting matches {args.settings} in tier {args.tier!r}", file=sys.stderr)
         return 2
-    session, skipped = ScoringSession(args.device), []
-    for s in settings:
-        s = s.with_mode(args.mode) if args.mode else s
-        print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr, flush=True)
-        protocols = tuple(args.protocol) if args.protocol else None
-        session.select(args.estimator, s, protocols)
+    from influence_bench.scoring.isolation import Limits
+
+    try:
+        limits = Limits.parse(args.time_limit, args.memory_limit, args.isolation)
+    except ValueError as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    from influence_bench.reporting.schema import RunFileError
+    from influence_bench.scoring.session import ResultsDirError
+
+    session, skipped, broken = ScoringSession(args.device, limits=limits), [], []
+    try:
+        run_path = session.begin(Path(args.results_dir), extra={"tier": args.tier},
+                                 resume=Path(args.resume) if args.resume else None)
+    except (ResultsDirError, RunFileError) as exc:
+        print(f"influence-bench: {exc}", file=sys.stderr)
+        return 2
+    with _stop_on_sigterm():
         try:
-            session.evaluate(args.estimator, s, protocols=protocols)
-        except DataUnavailable as exc:
-            skipped.append(f"{s.id}: {exc}")
-            session.not_run(args.estimator, s, f"data unavailable: {exc}")
+            for s in settings:
+                s = s.with_mode(args.mode) if args.mode else s
+                protocols = tuple(args.protocol) if args.protocol else None
+                session.select(args.estimator, s, protocols)
+                if session.done(args.estimator, s, protocols):
+                    print(f"{args.estimator} on {s.id}: already in {args.resume}", file=sys.stderr, flush=True)
+                    continue
+                print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr,
+                      flush=True)
+                try:
+                    session.evaluate(args.estimator, s, protocols=protocols)
+                except DataUnavailable as exc:
+                    skipped.append(f"{s.id}: {exc}")
+                    session.not_run(args.estimator, s, f"data unavailable: {exc}")
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated)
+                    raise
+                except Exception as exc:  # the harness itself failed on this setting: say so, go on with the rest
+                    if _debug():
+                        raise
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    broken.append(f"{s.id}: {type(exc).__name__}: {first}")
+                    session.not_run(args.estimator, s, f"{type(exc).__name__}: {first}")
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (errors.Terminated)
+            why = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C (SIGINT)"
+            path = session.write_run(Path(args.results_dir), extra={"tier": args.tier}, partial=f"stopped by {why}")
+            kept = (f"{len(session.cases)} finished case(s) kept in {path}; continue with --resume {path}"
+                    if path is not None else f"nothing had finished; nothing written ({run_path} not created)")
+            print(f"influence-bench: stopped by {why}: {kept}", file=sys.stderr)
+            session.journal and session.journal.unlink(missing_ok=True)
+            return 143 if isinstance(exc, Terminated) else 130
     cases = session.cases
     _, failures = session.judge()
     reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)
@@ -69,12 +108,46 @@ def _score(args) -> int:
         print(f"other estimators' rows: from the baseline {_baseline_path(args.baseline)} (not recomputed)")
     for line in skipped:
         print(f"skipped (data missing) {line}")
+    for line in broken:
+        print(f"ERROR (harness, not the estimator) {line}")
     for line in failures:
         print(f"FAIL {line}")
     path = session.write_run(Path(args.results_dir), extra={"tier": args.tier})
     if path is not None:
         print(f"results written to {path}")
-    return 1 if failures or any(c.status == "error" for c in cases) else 0
+    elif session.journal is not None:
+        session.journal.unlink(missing_ok=True)
+    return 1 if failures or broken or any(c.status == "error" for c in cases) else 0
+
+
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("INFLUENCE_BENCH_DEBUG", "") not in ("", "0")
+
+
+class _stop_on_sigterm:
+    """While scoring, SIGTERM raises ``Terminated`` (the main thread only; elsewhere nothing changes)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                raise Terminated()
+
+            self.old = signal.signal(signal.SIGTERM, stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 def _baseline_path(given: str | None) -> Path | None:
@@ -217,8 +290,25 @@ def _bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option, and where the usage is, instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: `{self.prog} --help` shows the usage\n")
+
+
+GLOBAL_FLAGS = ("--debug", TRUST_FLAG)  # accepted anywhere on the command line (``main`` takes them out)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="influence-bench", description=__doc__)
+    p = _Parser(prog="influence-bench", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a failure instead of its one-line message "
+                        "(also: INFLUENCE_BENCH_DEBUG=1)")
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help=f"import the estimator plug-ins in ./estimators of the working directory (their code runs; "
+                        f"also: {TRUST_ENV}=1, or trust-cwd-estimators = true under [tool.influence-bench] in "
+                        "./pyproject.toml). Without it they are not imported")
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="list estimators or settings")
@@ -231,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--settings", action="append", default=None, metavar="GLOB",
                     help="setting ids or globs (repeatable); default: all of the tier")
     sc.add_argument("--tier", choices=TIERS, default="smoke")
-    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     sc.add_argument("--protocol", action="append", default=None, choices=["loo-fixed", "loo-topk", "lds"],
                     help="protocol (repeatable); default: the setting's (loo-fixed and loo-topk; loo-fixed alone on CNNs)")
     sc.add_argument("--mode", choices=["warm", "scratch", "pbrf"], default=None,
@@ -241,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the other estimators' rows from this run file (default: the checkout's "
                          "results/baseline.json, when there is one)")
     sc.add_argument("--no-baseline", action="store_true", help="show only ESTIMATOR's rows")
+    sc.add_argument("--time-limit", action="append", default=[], metavar="[NAME=]SECONDS",
+                    help="time limit of one estimator call (default 3600 s or the class's time_limit_s); a call "
+                         "past it is stopped and its case is an error")
+    sc.add_argument("--memory-limit", action="append", default=[], metavar="[NAME=]MB",
+                    help="memory one estimator call may add (default: the machine's physical memory; Linux, CPU)")
+    sc.add_argument("--isolation", choices=["inline", "process"], default=None,
+                    help="inline (default): guarded calls in this process; process: each call in a forked worker "
+                         "(survives segfaults and hangs in C code; one torch thread, times not comparable)")
+    sc.add_argument("--resume", default=None, metavar="RUN",
+                    help="continue a run stopped early (its run-*.json, or the run-*.jsonl journal a killed run "
+                         "leaves): its cases are kept, the missing ones scored, and the same run file completed")
     sc.add_argument("--test-points", action="store_true",
                     help="also print Pearson/Spearman at the highest- and the median-loss test point apart")
     sc.set_defaults(func=_score)
@@ -284,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="benchmarks: `bench ground-truth SETTING` (batched engine vs sequential loop)")
     be.add_argument("what", choices=["ground-truth"])
     be.add_argument("setting", metavar="SETTING")
-    be.add_argument("--n", type=int, default=None, help="first N removals of the loo-fixed set (default: all)")
-    be.add_argument("--device", default="cpu")
-    be.add_argument("--rtol", type=float, default=1e-6,
+    be.add_argument("--n", type=positive_int, default=None, help="first N removals of the loo-fixed set (default: all)")
+    be.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
+    be.add_argument("--rtol", type=nonnegative_float, default=1e-6,
                     help="largest disagreement allowed, relative to the largest |delta| (default 1e-6)")
     be.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     be.set_defaults(func=_bench)
@@ -299,18 +400,147 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "ground-truth":
-        return args.func(args)
-    from influence_bench.groundtruth.ray_executor import RayUnavailable
-    from influence_bench.spec.catalog import UnknownSetting
+def _take_global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """``GLOBAL_FLAGS`` wherever they stand (before ``--``), taken out of ``argv``."""
+    rest, given = [], set()
+    for i, a in enumerate(argv):
+        if a == "--":
+            rest += argv[i:]
+            break
+        if a in GLOBAL_FLAGS:
+            given.add(a)
+        else:
+            rest.append(a)
+    return rest, given
 
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _path_in_traceback(exc: BaseException) -> str | None:
+    """The file an OSError without a file name (ENOSPC) was about: the innermost frame holding a path
+    (``Path.write_text``'s ``self``) or an open file under a usual name."""
+    import io
+
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for key in ("self", "path", "tmp", "file", "fh", "f", "fid", "filename", "out"):
+            value = frame.f_locals.get(key)
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                return value.name
+    return None
+
+
+def _os_error(exc: OSError) -> str:
+    import errno
+
+    from influence_bench.paths import cache_dir
+
+    path = exc.filename if exc.filename is not None else _path_in_traceback(exc)
+    what = exc.strerror or _first_line(exc)
+    if exc.errno == errno.ENOSPC:
+        where = f"writing {path}" if path is not None else f"(the cache is {cache_dir()})"
+        return (f"no space left on device {where}: free some space, or write elsewhere "
+                "(--results-dir / --out, INFLUENCE_BENCH_CACHE)")
+    if path is not None:
+        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{path}{other}: {what}"
+    return f"{type(exc).__name__}: {what}"
+
+
+def describe_error(exc: BaseException, command: str | None = None) -> tuple[int, list[str]]:
+    """Exit status and the one or two lines that say what failed: 2 for a usage error (a bad option,
+    an unknown name), 1 for anything else."""
+    from influence_bench.data.datasets import DataUnavailable
+    from influence_bench.errors import EstimatorError, EstimatorUnsupported
+    from influence_bench.models.init_weights import InitWeightsError
+    from influence_bench.reporting.gates import GateSpecError
+    from influence_bench.reporting.schema import RunFileError
+    from influence_bench.spec.catalog import UnknownSetting
+    from influence_bench.spec.thresholds import ThresholdsError
+
+    usage = (RegistryError, UnknownSetting, GateSpecError, CommandError)
+    if isinstance(exc, usage):
+        return 2, [_first_line(exc)]
+    if command == "ground-truth" and (type(exc) is ValueError or type(exc).__name__ == "RayUnavailable"):
+        return 2, [_first_line(exc)]  # the ground-truth commands' own checks (ship, ray)
+    if isinstance(exc, OSError):
+        return 1, [_os_error(exc)]
+    said = (DataUnavailable, InitWeightsError, RunFileError, ThresholdsError, EstimatorError, EstimatorUnsupported)
+    if isinstance(exc, said) or type(exc).__module__.startswith("influence_bench"):
+        return 1, [_first_line(exc)]
+    return 1, [f"{type(exc).__name__}: {_first_line(exc)}",
+               "an unexpected failure; `influence-bench --debug ...` (or INFLUENCE_BENCH_DEBUG=1) shows the traceback"]
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``... | head``): what is still buffered goes to /dev/null, not into a second
+    BrokenPipeError at exit (the recipe of Python's signal docs)."""
+    if sys.stdout is not sys.__stdout__:
+        return
     try:
-        return args.func(args)
-    except (UnknownSetting, ValueError, RayUnavailable) as exc:
-        print(f"influence-bench: {exc}", file=sys.stderr)
-        return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _say(lines: list[str]) -> None:
+    try:
+        for line in lines:
+            print(f"influence-bench: {line}", file=sys.stderr)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every failure ends here as one or two lines naming what failed and what to do, exit 2 for a
+    usage error and 1 otherwise (``--debug`` or INFLUENCE_BENCH_DEBUG=1: the traceback instead);
+    Ctrl-C: one line, exit 130; stdout closed by the reader (``| head``): quietly, exit 141."""
+    import traceback
+
+    from influence_bench.api.registry import _truthy
+
+    argv, flags = _take_global_flags(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in flags or _truthy(os.environ.get("INFLUENCE_BENCH_DEBUG"))
+    if "--debug" in flags:
+        os.environ["INFLUENCE_BENCH_DEBUG"] = "1"  # the commands' own guards (and child processes) see it too
+    if TRUST_FLAG in flags:
+        os.environ[TRUST_ENV] = "1"  # processes started from here (Ray workers) decide alike
+    command, said = None, []
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        bad = check_parsed(args)  # options of commands whose parsers do not check them (`type=`)
+        if bad:
+            raise CommandError(bad)
+        rc = args.func(args) or 0
+        sys.stdout.flush()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a command turns it into one (errors.Terminated)
+        if debug:
+            traceback.print_exc()
+        term = type(exc).__name__ == "Terminated"
+        _say(["stopped by SIGTERM" if term else "interrupted (Ctrl-C)"])
+        return 143 if term else 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except Exception as exc:  # noqa: BLE001 - the one error path: every failure is said, not dumped
+        rc, said = describe_error(exc, command)
+        if debug:
+            traceback.print_exc()
+        else:
+            _say(said)
+    notes = list(REGISTRY.notes) + ([str(f) for f in REGISTRY.failures] if command != "list" else [])
+    _say([n for n in notes if not any(n in line for line in said)])
+    return rc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,11 @@ class DataUnavailable(RuntimeError):
     """A dataset is not on this machine; the message says where it was looked for and how to get it."""
 
 
+class DataCorrupt(ValueError):
+    """A dataset file is there but unreadable (truncated, not an npz, pickled objects, keys missing);
+    the message names the file and how to replace it. Not skipped like ``DataUnavailable``: an error."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     x_train: torch.Tensor
@@ -89,6 +94,7 @@ def load_iris(spec: DataSpec) -> Dataset:
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 # How to get each image dataset, for the "not found" message.
 HOW_TO_GET = {
@@ -118,8 +124,22 @@ def read_arrays(name: str, root: Path) -> tuple[Arrays, str]:
     torchvision's layout under ``root`` (``download=False``); also says which source was read."""
     npz = root / f"{name}.npz"
     if npz.is_file():
-        with np.load(npz, allow_pickle=False) as d:
-            return (d["x_train"], d["y_train"], d["x_test"], d["y_test"]), str(npz)
+        fix = (f"delete it and run `{HOW_TO_GET[name].format(root=root)}`, or set INFLUENCE_BENCH_DATA to a folder "
+               f"holding a good {name}.npz")
+        try:
+            with np.load(npz, allow_pickle=False) as d:
+                missing = [k for k in NPZ_KEYS if k not in d.files]
+                if missing:
+                    raise DataCorrupt(f"{name} file {npz} lacks {', '.join(missing)} (it holds {', '.join(d.files)}); "
+                                      f"{fix}")
+                return tuple(d[k] for k in NPZ_KEYS), str(npz)
+        except DataCorrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any way a foreign file can be unreadable, said in one line
+            text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = ("it holds pickled Python objects, which are refused, never unpickled" if "pickle" in text.lower()
+                   else f"{type(exc).__name__}: {text}")
+            raise DataCorrupt(f"{name} file {npz} is not a readable npz ({why}); {fix}") from exc
     from influence_bench.data.prepare import torchvision_arrays
 
     try:

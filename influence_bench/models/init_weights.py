@@ -76,6 +76,16 @@ def init_weights_sha256(setting: Setting) -> str | None:
     return None if path is None else sha256_file(path)
 
 
+def _why_refused(exc: Exception) -> str:
+    """The line of torch's (many-line) weights-only refusal that says what was refused."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if "unsupported global" in low or ("global" in low and "blocked" in low) or "unsupported operand" in low:
+            return ln
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` from a ``.pt`` (weights_only) or ``.npz`` (no pickle) file."""
     path = Path(path)
@@ -85,7 +95,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refused (not plain tensors) or not a torch file
-        raise InitWeightsError(f"{path}: not a weights-only torch state_dict ({type(exc).__name__}: {exc})") from exc
+        raise InitWeightsError(f"{path}: refused, not a weights-only torch state_dict ({_why_refused(exc)}); nothing "
+                               "in it was run. Save plain tensors (torch.save(module.state_dict(), path)) or an "
+                               ".npz of arrays") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
