@@ -46,6 +46,7 @@ def test_cases_carry_setting_info(tmp_path):
     json.dumps(cases[0].to_json(), allow_nan=False)
     ctx = get_context(setting)
     stored = json.loads(info_cache_path(ctx).read_text())
-    assert stored == info  # kept beside theta*: a later run with shipped ground truth reads it
+    assert stored["info"] == info  # kept beside theta*: a later run with shipped ground truth reads it
+    assert stored["theta_sha256"] == ctx.theta_sha256 and stored["format"] == si.INFO_FORMAT  # verified on load
     assert ctx.theta_sha256[:16] in info_cache_path(ctx).name and \
         info_cache_path(ctx).parent == model_cache_path(setting).parent  # keyed by theta*

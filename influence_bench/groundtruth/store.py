@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from influence_bench.groundtruth.entries import ARRAYS, OPTIONAL, Entries, MissingColumns  # noqa: F401  (re-exported)
 from influence_bench.hashing import hash_json, sha256_array  # noqa: F401  (re-exported)
-from influence_bench.paths import cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
+from influence_bench.paths import UnreadableFile, cache_dir, read_npz, shipped_gt_dir, write_json, write_npz
 
 
 class CorruptGroundTruth(RuntimeError):
@@ -143,7 +143,10 @@ class GroundTruthStore:
             meta = json.loads(str(z["meta"]))
             arrays = {f: z[f] for f in ARRAYS + ("cols",) if f in z or f not in OPTIONAL + ("cols",)}
         except Exception as exc:  # truncated / not an npz / missing keys / bad JSON
-            raise CorruptGroundTruth(f"ground-truth shard {p} is unreadable ({type(exc).__name__}: {exc})") from exc
+            why = exc.why if isinstance(exc, UnreadableFile) else f"{type(exc).__name__}: {exc}"
+            raise CorruptGroundTruth(f"ground-truth shard {p} is unreadable ({why})") from exc
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256", {}), dict):
+            raise CorruptGroundTruth(f"ground-truth shard {p} is unreadable (its meta is not a record)")
         if meta.get("key") != key.digest:
             raise CorruptGroundTruth(f"ground-truth shard {p} belongs to key {meta.get('key')!r}, not {key.digest!r}")
         for f, a in arrays.items():
@@ -151,6 +154,11 @@ class GroundTruthStore:
                 raise CorruptGroundTruth(f"ground-truth shard {p}: checksum mismatch in array {f!r}")
         if set(meta.get("sha256", {})) != set(arrays):  # e.g. a "cols" array the meta does not vouch for
             raise CorruptGroundTruth(f"ground-truth shard {p}: arrays {sorted(arrays)} do not match its checksums")
+        kinds = {"ids": "iu", "delta": "f", "grad_norm": "f", "steps": "iu", "cols": "iu"}
+        if any(f in arrays and (arrays[f].dtype.kind not in kinds[f] or arrays[f].ndim != (2 if f == "delta" else 1))
+               for f in kinds) or {len(arrays[f]) for f in ("ids", "delta", "grad_norm", "steps")} != {len(arrays["ids"])}:
+            raise CorruptGroundTruth(f"ground-truth shard {p}: arrays of the wrong type or shape "
+                                     f"({', '.join(f'{f} {a.dtype} {list(a.shape)}' for f, a in arrays.items())})")
         k, cols = len(arrays["ids"]), arrays.get("cols")
         if cols is not None:
             cols = cols.astype(np.int64)

@@ -42,9 +42,53 @@ class Checkpoints:
                 "ckpt_n_lbfgs": np.int64(self.n_lbfgs)}
 
     @classmethod
-    def from_arrays(cls, z: dict[str, np.ndarray], device, dtype) -> "Checkpoints":
+    def from_arrays(cls, z: dict[str, np.ndarray], device, dtype, n_params: int | None = None) -> "Checkpoints":
+        """The checkpoints stored in ``z`` (``to_arrays``); ``ValueError`` saying what is wrong when
+        they are missing or malformed (``arrays_problem``)."""
+        problem = arrays_problem(z, n_params) or (None if all(k in z for k in ARRAY_KEYS) else "no checkpoint arrays")
+        if problem:
+            raise ValueError(problem)
         return cls(torch.as_tensor(z["ckpt_theta"]).to(device, dtype), z["ckpt_step"], z["ckpt_lr"],
                    float(z["ckpt_final_lr"]), int(z["ckpt_n_lbfgs"]))
+
+
+ARRAY_KEYS = ("ckpt_theta", "ckpt_step", "ckpt_lr", "ckpt_final_lr", "ckpt_n_lbfgs")
+
+
+def arrays_problem(z: dict[str, np.ndarray], n_params: int | None = None, dtype: np.dtype | None = None,
+                   meta: dict | None = None) -> str | None:
+    """What is wrong with the checkpoint arrays of ``z`` (``Checkpoints.to_arrays``), or None when they
+    are well formed or absent altogether (an entry written before checkpoints existed). ``n_params``
+    and ``dtype``: theta*'s; ``meta``: the ``checkpoints`` record of the entry's sidecar, which the
+    arrays must agree with."""
+    present = [k for k in ARRAY_KEYS if k in z]
+    if not present:
+        return None
+    if len(present) != len(ARRAY_KEYS):
+        return f"checkpoint arrays {sorted(set(ARRAY_KEYS) - set(present))} missing"
+    th, st, lr, flr, nl = (np.asarray(z[k]) for k in ARRAY_KEYS)
+    if th.dtype.kind != "f" or th.ndim != 2 or (n_params is not None and th.shape[1] != n_params) \
+            or (dtype is not None and th.dtype != dtype):
+        return (f"ckpt_theta is {th.dtype} {list(th.shape)}, expected "
+                f"{dtype or 'float'} [K, {n_params if n_params is not None else 'P'}]")
+    k = th.shape[0]
+    if st.dtype.kind not in "iu" or st.shape != (k,) or (k and st.min() < 0):
+        return f"ckpt_step is {st.dtype} {list(st.shape)}, expected {k} non-negative integers"
+    if lr.dtype.kind != "f" or lr.shape != (k,):
+        return f"ckpt_lr is {lr.dtype} {list(lr.shape)}, expected {k} floats"
+    if flr.dtype.kind != "f" or flr.shape != () or nl.dtype.kind not in "iu" or nl.shape != () or int(nl) < 0:
+        return f"ckpt_final_lr / ckpt_n_lbfgs are {flr.dtype} {list(flr.shape)} / {nl.dtype} {list(nl.shape)}"
+    if not (np.isfinite(th).all() and np.isfinite(lr).all() and np.isfinite(flr)):
+        return "non-finite checkpoint values"
+    if meta is not None:
+        try:
+            agrees = ([int(v) for v in meta["steps"]] == st.tolist() and [float(v) for v in meta["lrs"]] == lr.tolist()
+                      and float(meta["final_lr"]) == float(flr) and int(meta["n_lbfgs"]) == int(nl))
+        except (KeyError, TypeError, ValueError):
+            agrees = False
+        if not agrees:
+            return "checkpoint arrays disagree with the sidecar's checkpoint record"
+    return None
 
 
 class TrajectoryRecorder:

@@ -9,8 +9,10 @@ hash>.npz``; ground truth and the cached curvature record are keyed by theta*'s 
 
 A shipped model is used for a setting when its training hash and the sha256 of the setting's data
 (as loaded here) match what it was trained from, the setting has no user-supplied initial weights,
-and every array verifies against its checksum. Otherwise it is ignored (a damaged file or other
-data with a warning) and theta* is trained as before. Nothing here is ever written by a run:
+every array verifies against its checksum, and (``fit._load_shipped``) theta* has the model's dtype
+and size and the training gradient norm recorded with it. Otherwise it is ignored (a damaged or
+inconsistent file, or other data, with a warning naming the file) and theta* comes from the model
+cache or is trained, as if nothing were shipped. Nothing here is ever written by a run:
 ``influence-bench ground-truth ship`` is the only writer (``write``).
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from influence_bench.hashing import sha256_array
 from influence_bench.models.init_weights import init_weights_sha256
-from influence_bench.paths import read_npz, shipped_gt_dir, write_json, write_npz
+from influence_bench.paths import UnreadableFile, read_json, read_npz, shipped_gt_dir, write_json, write_npz
 from influence_bench.spec.settings import Setting
 
 FORMAT = "influence-bench shipped model/1"
@@ -71,16 +73,27 @@ def load(setting: Setting, data_sha256: str, root: Path | None = None) -> tuple[
         return None
     try:
         z = read_npz(path)
+        if "meta" not in z or z["meta"].dtype.kind != "U" or z["meta"].shape != ():
+            raise ValueError("no meta record")
         meta = json.loads(str(z.pop("meta")))
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+            raise ValueError("not a shipped model file")
         sums = meta["sha256"]
         bad = sorted(k for k in set(z) | set(sums) if k not in z or sums.get(k) != sha256_array(z[k]))
-        if bad or meta.get("format") != FORMAT or "theta" not in z:
-            raise ValueError(f"checksum mismatch in {bad}" if bad else "not a shipped model file")
+        if bad or meta.get("format") != FORMAT or "theta" not in z or z["theta"].ndim != 1:
+            raise ValueError(f"checksum mismatch in {bad}" if bad else f"not a shipped model file ({FORMAT})")
+        if meta.get("theta_sha256") != sums.get("theta"):
+            raise ValueError("theta_sha256 disagrees with the checksum of theta")
     except Exception as exc:  # truncated, not an npz, bad JSON, missing arrays, flipped bits
-        warnings.warn(f"shipped model {path} is unusable ({type(exc).__name__}: {exc}); "
-                      f"training theta* of {setting.id!r} here instead", ShippedModelWarning, stacklevel=3)
+        why = exc.why if isinstance(exc, UnreadableFile) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"shipped model {path} is unusable ({why}); "
+                      f"training theta* of {setting.id!r} here instead (the shipped file is left as it is)",
+                      ShippedModelWarning, stacklevel=3)
         return None
-    if meta.get("training_hash") != setting.training_hash:
+    if meta.get("training_hash") != setting.training_hash or meta.get("setting") != setting.id:
+        warnings.warn(f"shipped model {path} describes {meta.get('setting')!r} (training hash "
+                      f"{meta.get('training_hash')!r}), not {setting.id!r} ({setting.training_hash}); training "
+                      "theta* here instead (the shipped file is left as it is)", ShippedModelWarning, stacklevel=3)
         return None
     if meta.get("data_sha256") != data_sha256:
         warnings.warn(f"shipped model {path} was trained on other data ({meta.get('data_source', '?')}, sha256 "
@@ -92,16 +105,23 @@ def load(setting: Setting, data_sha256: str, root: Path | None = None) -> tuple[
 
 
 def load_info(setting: Setting, theta_sha256: str, root: Path | None = None) -> dict | None:
-    """The shipped ``setting_info`` record when it was computed at this theta*, else None."""
+    """The shipped ``setting_info`` record when it was computed at this theta*, else None. A damaged
+    record (unreadable, not the shape ``write_info`` writes) warns naming its path and is left as it
+    is; the caller computes the record instead."""
     root = shipped_gt_dir() if root is None else root
     p = info_path_for(setting, root)
     if p is None or not p.is_file():
         return None
     try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
+        d = read_json(p)
+        if not isinstance(d, dict) or not isinstance(d.get("theta_sha256"), str) or not isinstance(d.get("info"), dict):
+            raise ValueError("not a shipped curvature record (theta_sha256, info)")
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"shipped curvature record {p} is unusable ({getattr(exc, 'why', exc)}); computing the "
+                      f"record of {setting.id!r} here instead (the shipped file is left as it is)",
+                      ShippedModelWarning, stacklevel=3)
         return None
-    if not isinstance(d, dict) or d.get("theta_sha256") != theta_sha256 or not isinstance(d.get("info"), dict):
+    if d["theta_sha256"] != theta_sha256:
         return None
     return d["info"]
 
