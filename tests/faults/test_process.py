@@ -50,9 +50,15 @@ def _env(tmp_path: Path, **extra) -> dict:
     return {**env, "INFLUENCE_BENCH_CACHE": str(tmp_path / "cache"), **extra}
 
 
+def _default_sigint() -> None:
+    # a shell that starts a job in the background has it ignore SIGINT, and children inherit that
+    # (CI started with `&`): give the command a Ctrl-C as a terminal would
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "influence_bench.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _values(cases) -> dict:
@@ -89,10 +95,13 @@ def test_a_signal_mid_run_keeps_finished_cases_and_resume_completes_them(tmp_pat
             "--no-baseline", "--protocol", "loo-fixed"]
     env = _env(tmp_path, INFLUENCE_BENCH_ESTIMATORS=str(slow_plugin), FAULT_SLOW_ON=SECOND)
     proc = _start(args, env)
-    _wait_for_cases(results / "runs", 1, proc)
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        _wait_for_cases(results / "runs", 1, proc)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never leave a sleeping scorer behind a failed test
     assert "Traceback" not in out + err, err[-3000:]
     if proc.returncode != rc:
         raise SilentWrong(f"exit {proc.returncode} after {sig.name}, expected {rc}: {err[-1500:]}")
