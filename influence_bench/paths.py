@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -132,6 +133,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _final_mode(path))  # mkstemp's 0600 would make every run file private
         os.replace(tmp_path, path)
     except WriteFailed:
         raise
@@ -142,6 +144,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def _final_mode(path: Path) -> int:
+    """The mode ``path`` keeps (an existing file's), or a new file's: 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _write_bytes_synced(fh, data: bytes | None = None) -> None:

@@ -271,3 +271,20 @@ def test_resume_from_a_bad_file_is_a_clear_error(tmp_path, content):
     assert_clear_error(res, str(bad), rc=2)
     if bad.read_text() != content:
         raise ResultsLost(f"--resume rewrote the file it could not read: {bad}")
+
+
+@pytest.mark.fault("storage", "handled")
+def test_files_written_atomically_keep_their_mode_or_get_the_umask_one(tmp_path):
+    """mkstemp's 0600 used to reach every run file, cache entry and baseline written through it."""
+    from influence_bench.paths import write_json
+
+    umask = os.umask(0)
+    os.umask(umask)
+    new, kept = tmp_path / "new.json", tmp_path / "kept.json"
+    write_json(new, {"a": 1})
+    kept.write_text("{}")
+    kept.chmod(0o640)
+    write_json(kept, {"a": 2})
+    modes = (new.stat().st_mode & 0o777, kept.stat().st_mode & 0o777)
+    if modes != (0o666 & ~umask, 0o640):
+        raise SilentWrong(f"modes {oct(modes[0])}, {oct(modes[1])}; expected {oct(0o666 & ~umask)}, 0o640")
