@@ -22,10 +22,24 @@ class ContextMutated(EstimatorError):
     """The estimator edited the context it was given (theta*, data, model, cached arrays) in place."""
 
 
-def _crc(t: torch.Tensor) -> tuple:
+def _crc(t: Any) -> tuple:
+    """A fingerprint of a tensor or an array: dtype, shape and a checksum of the bytes (or, for a kind
+    that cannot be read as bytes, dtype and shape alone, never an error)."""
+    try:
+        if isinstance(t, np.ndarray):
+            if t.dtype == object:
+                return ("object", t.shape)
+            return (str(t.dtype), t.shape, zlib.crc32(np.ascontiguousarray(t).tobytes()))
+        return _crc_tensor(t)
+    except Exception:  # noqa: BLE001 - quantized, nested, ...: compared by what can be read
+        return ("unread", type(t).__name__, str(getattr(t, "dtype", "")), tuple(getattr(t, "shape", ())))
+
+
+def _crc_tensor(t: torch.Tensor) -> tuple:
     t = t.detach()
     if t.layout != torch.strided:
         t = t.to_dense()
+    t = t.resolve_conj().resolve_neg()
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return (str(t.dtype), tuple(t.shape), 0)
@@ -45,7 +59,7 @@ def _arrays(value: Any, path: str, out: dict, depth: int = 0) -> None:
     if isinstance(value, torch.Tensor):
         out[path] = value
     elif isinstance(value, np.ndarray):
-        out[path] = torch.from_numpy(value) if value.dtype != object else value
+        out[path] = value
     elif depth < 3 and isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             _arrays(v, f"{path}[{i}]", out, depth + 1)
@@ -68,8 +82,7 @@ def _reachable(ctx) -> dict[str, dict[str, Any]]:
 
 
 def _fingerprints(parts: dict) -> dict:
-    return {part: {name: _crc(t) if isinstance(t, torch.Tensor) else repr(t) for name, t in arrays.items()}
-            for part, arrays in parts.items()}
+    return {part: {name: _crc(t) for name, t in arrays.items()} for part, arrays in parts.items()}
 
 
 def _hook_dicts(module: torch.nn.Module) -> dict:
