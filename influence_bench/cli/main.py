@@ -94,7 +94,6 @@ def _score(args) -> int:
             kept = (f"{len(session.cases)} finished case(s) kept in {path}; continue with --resume {path}"
                     if path is not None else f"nothing had finished; nothing written ({run_path} not created)")
             print(f"influence-bench: stopped by {why}: {kept}", file=sys.stderr)
-            session.journal and session.journal.unlink(missing_ok=True)
             return 143 if isinstance(exc, Terminated) else 130
     cases = session.cases
     _, failures = session.judge()
@@ -115,8 +114,6 @@ def _score(args) -> int:
     path = session.write_run(Path(args.results_dir), extra={"tier": args.tier})
     if path is not None:
         print(f"results written to {path}")
-    elif session.journal is not None:
-        session.journal.unlink(missing_ok=True)
     return 1 if failures or broken or any(c.status == "error" for c in cases) else 0
 
 

@@ -117,6 +117,9 @@ class ScoringSession:
         and ``partial``, why the run stopped early, when it did), then drop the journal: at the path
         ``begin`` chose, else a new one in ``results_dir``."""
         if not self.cases:
+            if self.journal is not None:  # nothing finished: no run file, and no header-only journal left behind
+                self.journal.unlink(missing_ok=True)
+                self.journal = None
             return None
         extra = {**(extra or {}), **({"selected": self.selected} if self.selected else {}),
                  **({"partial": partial} if partial else {})}
