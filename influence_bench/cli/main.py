@@ -120,9 +120,10 @@ def _score(args) -> int:
 
 
 def _debug() -> bool:
-    import os
+    """``--debug`` (``main`` sets the variable) or ``INFLUENCE_BENCH_DEBUG``, read as ``main`` reads it."""
+    from influence_bench.api.registry import _truthy
 
-    return os.environ.get("INFLUENCE_BENCH_DEBUG", "") not in ("", "0")
+    return _truthy(os.environ.get("INFLUENCE_BENCH_DEBUG"))
 
 
 class _stop_on_sigterm:

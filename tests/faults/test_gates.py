@@ -193,29 +193,24 @@ UNUSABLE = {  # file content -> what the message must say
 }
 
 
-@pytest.mark.fault("gate", "clear-error")
-@pytest.mark.parametrize("kind", list(UNUSABLE))
-def test_unusable_baseline_file_is_an_error_naming_it(files, kind):
-    tmp, base, worse = files
-    text, says = UNUSABLE[kind]
-    bad = write(tmp / f"{kind}.json", text if text is not None else Path(base).read_text()[:300])
-    assert_clear_error(cli("compare", worse, "--baseline", bad), f"{kind}.json", says, rc=2)
-
-
-RUN_FAULTS = {**{k: v for k, v in UNUSABLE.items()},
+RUN_FAULTS = {**UNUSABLE,
               "empty": (json.dumps(run_doc()), "holds no cases"),
               "nan": (json.dumps(run_doc(case(), value=float("nan"))), "value is NaN"),
               "out-of-range": (json.dumps(run_doc(case(value=-3.0))), "-3 is outside [-1, 1]")}
+UNUSABLE_FILES = [("baseline", k) for k in UNUSABLE] + [("run", k) for k in RUN_FAULTS]
 
 
 @pytest.mark.fault("gate", "clear-error")
-@pytest.mark.parametrize("kind", list(RUN_FAULTS))
-def test_unusable_run_file_is_an_error_naming_it(files, kind):
-    """The run side of the same faults: an impossible run value used to read as an improvement."""
-    tmp, base, _ = files
-    text, says = RUN_FAULTS[kind]
-    bad = write(tmp / f"run-{kind}.json", text if text is not None else Path(base).read_text()[:300])
-    assert_clear_error(cli("compare", bad, "--baseline", base), f"run-{kind}.json", says, rc=2)
+@pytest.mark.parametrize("side,kind", UNUSABLE_FILES, ids=[f"{s}-{k}" for s, k in UNUSABLE_FILES])
+def test_an_unusable_baseline_or_run_file_is_an_error_naming_it(files, side, kind):
+    """A baseline or run file that cannot be used, each named in the error (an impossible run value
+    used to read as an improvement)."""
+    tmp, base, worse = files
+    text, says = (UNUSABLE if side == "baseline" else RUN_FAULTS)[kind]
+    name = f"{kind}.json" if side == "baseline" else f"run-{kind}.json"
+    bad = write(tmp / name, text if text is not None else Path(base).read_text()[:300])
+    args = ("compare", worse, "--baseline", bad) if side == "baseline" else ("compare", bad, "--baseline", base)
+    assert_clear_error(cli(*args), name, says, rc=2)
 
 
 # ------------------------------------------------------------------ baseline update
