@@ -50,11 +50,15 @@ def shape_of(case: Case) -> dict | None:
 
 
 def merge_cases(runs: list[Run]) -> list[Case]:
-    """All cases of all runs; a later run replaces an earlier one's case with the same key."""
+    """All cases of all runs; a later run's case replaces an earlier one with the same key, except that a
+    later ``skipped`` / ``error`` case never replaces an earlier ``ok`` one (a rerun that could not score a
+    case says nothing about the score it had)."""
     out: dict[tuple, Case] = {}
     for r in runs:
         for c in r.cases:
-            out[(c.estimator, c.setting, c.protocol, c.mode, c.metric)] = c
+            key = (c.estimator, c.setting, c.protocol, c.mode, c.metric)
+            if c.status == "ok" or key not in out or out[key].status != "ok":
+                out[key] = c
     return list(out.values())
 
 
