@@ -97,7 +97,7 @@ def test_run_file_round_trip_and_refusals(tmp_path):
     doc = read_run(path)
     assert doc["schema_version"] == SCHEMA_VERSION
     assert {"torch", "cuda", "device_name", "cpu_count"} <= set(doc["machine"])
-    assert set(doc["commit"]) == {"sha", "dirty"}
+    assert {"sha", "dirty"} <= set(doc["commit"]) <= {"sha", "dirty", "changed_files", "untracked_files"}
     assert len(doc["cases"]) == 2 * 3 and doc["cases"][0]["estimator"] == "gradient-dot"
     (tmp_path / "bad.json").write_text('{"schema_version": 1, "cas')
     with pytest.raises(ValueError, match="bad.json: cannot be read as JSON"):

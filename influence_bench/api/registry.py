@@ -9,6 +9,13 @@ tool in a checkout someone else wrote must not execute that checkout's ``estimat
 A plug-in that fails to load (an entry point that raises, a file with a syntax error, a duplicate
 name) does not take the others down: it is recorded in ``Registry.failures``, each naming the entry
 point (its value and distribution) or the file, and ``get`` of a name it would have provided says so.
+
+A name claimed twice (a user's ``estimators/lissa.py`` that keeps ``name = "lissa"``, an entry point
+named like a built-in) is never settled silently in favour of either: the name is withdrawn (``names``
+leaves it out, ``get`` raises an error naming both files) until one is renamed. A plug-in class that
+sets ``overrides = True`` replaces an estimator of the same name instead, with a line in
+``Registry.notes`` naming both files. A byte-identical copy of a built-in file (``estimators/`` of
+another checkout of this repository) is the built-in and is not imported again.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ TRUST_TOML = "[tool.influence-bench] trust-cwd-estimators = true"  # the same, i
 
 class RegistryError(LookupError):
     pass
+
+
+class DuplicateName(RegistryError):
+    """Two classes claim one estimator name: ``name``; the message names both files."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,9 @@ class Registry:
         self.trust_cwd: bool | None = None
         self.failures: list[LoadFailure] = []  # plug-ins that did not load (see the module docstring)
         self.notes: list[str] = []  # what a front end should say once (./estimators not loaded)
+        self._withdrawn: dict[str, LoadFailure] = {}  # names claimed twice: the clash, said by `get`
+        #: classes an entry point provided -> (distribution name, version) (``provenance.estimator_source``)
+        self.distributions: dict[type, tuple[str | None, str | None]] = {}
 
     # ---- filling -------------------------------------------------------------------------
     def add(self, cls: type[Estimator]) -> type[Estimator]:
@@ -95,11 +113,23 @@ class Registry:
         if old is not None and old is not cls:
             if _location(old) == _location(cls):  # same file imported twice under two module names
                 return cls
-            raise RegistryError(
-                f"duplicate estimator name {name!r}: defined at {_location(old)} and at {_location(cls)}"
-            )
+            mine, theirs = _overrides(cls), _overrides(old)
+            if mine == theirs:
+                raise DuplicateName(name, _clash_message(name, old, cls))
+            winner, loser = (cls, old) if mine else (old, cls)
+            self.notes.append(f"estimator {name!r} of {_location(winner)} replaces the one of {_location(loser)} "
+                              "(it sets `overrides = True`)")
+            self._classes[name] = winner
+            return cls
         self._classes[name] = cls
         return cls
+
+    def _withdraw(self, what: str, exc: DuplicateName) -> None:
+        """A clash found while discovering: ``what`` (file or entry point) did not load, and the name is
+        withdrawn (neither class is used; ``get`` says why)."""
+        failure = LoadFailure(what, exc.name, str(exc))
+        self.failures.append(failure)
+        self._withdrawn.setdefault(exc.name, failure)
 
     def load_file(self, path: Path) -> None:
         """Import one estimator file by path; its ``@register`` decorators fill this registry."""
@@ -134,10 +164,14 @@ class Registry:
         """Import every ``*.py`` of ``directory`` (not ``_*.py``); ``keep_going``: record a file that
         fails in ``failures`` and go on with the others."""
         for path in sorted(Path(directory).glob("*.py")):
-            if path.name.startswith("_"):
+            if path.name.startswith("_") or _is_builtin_copy(path):
                 continue
             try:
                 self.load_file(path)
+            except DuplicateName as exc:
+                if not keep_going:
+                    raise
+                self._withdraw(f"estimator file {path}", exc)
             except RegistryError as exc:
                 if not keep_going:
                     raise
@@ -150,6 +184,10 @@ class Registry:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 self._load_entry_point(ep)
+            except DuplicateName as exc:
+                if not keep_going:
+                    raise RegistryError(f"{_describe_entry_point(ep)} failed to load: {exc}") from exc
+                self._withdraw(_describe_entry_point(ep), exc)
             except Exception as exc:  # noqa: BLE001 - any error of third-party code, named below
                 failure = LoadFailure(_describe_entry_point(ep), ep.name, str(exc) if isinstance(exc, RegistryError)
                                       else _one_line(exc))
@@ -160,12 +198,18 @@ class Registry:
     def _load_entry_point(self, ep) -> None:
         import types
 
+        dist = getattr(ep, "dist", None)
+        origin = (getattr(dist, "name", None), getattr(dist, "version", None)) if dist is not None else (None, None)
+        before = set(self._classes.values())
         _LOADING.append(self)  # `@register` in the module it imports fills this registry
         try:
             obj = ep.load()
         finally:
             _LOADING.pop()
+            for cls in set(self._classes.values()) - before:
+                self.distributions[cls] = origin
         if isinstance(obj, type) and issubclass(obj, Estimator):
+            self.distributions.setdefault(obj, origin)
             if self._classes.get(obj.name) is not obj:
                 self.add(obj)
         elif not isinstance(obj, types.ModuleType):
@@ -187,10 +231,12 @@ class Registry:
     # ---- lookup --------------------------------------------------------------------------
     def names(self) -> list[str]:
         self.discover()
-        return sorted(self._classes)
+        return sorted(n for n in self._classes if n not in self._withdrawn)
 
     def get(self, name: str) -> type[Estimator]:
         self.discover()
+        if name in self._withdrawn:
+            raise RegistryError(f"estimator {name!r} is not available: {self._withdrawn[name]}")
         try:
             return self._classes[name]
         except KeyError:
@@ -199,12 +245,13 @@ class Registry:
         mine = [f for f in self.failures if f.name.replace("_", "-") == norm]
         if mine:  # the plug-in that would have provided it failed: that is the message
             raise RegistryError(f"estimator {name!r} is not available: {mine[0]}") from None
-        close = difflib.get_close_matches(name, self._classes, n=3, cutoff=0.5)
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         why = "".join(f" ({note})" for note in self.notes)
         if self.failures:
             why += f" ({len(self.failures)} plug-in(s) failed to load; `influence-bench list estimators` names them)"
-        raise RegistryError(f"unknown estimator {name!r}.{hint} Known: {', '.join(sorted(self._classes))}{why}")
+        raise RegistryError(f"unknown estimator {name!r}.{hint} Known: {', '.join(known)}{why}")
 
     def create(self, name: str, **hyperparameters) -> Estimator:
         cls = self.get(name)
@@ -222,6 +269,37 @@ def _required_arguments(cls: type) -> list[str]:
         return []
     return [p.name for p in params if p.default is inspect.Parameter.empty
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def _overrides(cls: type) -> bool:
+    return getattr(cls, "overrides", False) is True
+
+
+def _is_builtin(cls: type) -> bool:
+    try:
+        src = inspect.getsourcefile(cls)
+    except TypeError:
+        return False
+    return bool(src) and Path(src).resolve().parent == builtin_dir().resolve()
+
+
+def _clash_message(name: str, old: type, new: type) -> str:
+    first, second = (new, old) if _is_builtin(new) and not _is_builtin(old) else (old, new)
+    if _is_builtin(first):
+        fix = f'rename yours (name = "my-{name}"), or set `overrides = True` on it to replace the built-in'
+    else:
+        fix = f'rename one of them (name = "my-{name}")'
+    return f"estimator name {name!r} is defined twice: by {_location(first)} and by {_location(second)}; {fix}"
+
+
+def _is_builtin_copy(path: Path) -> bool:
+    """``path`` is a byte-identical copy of the built-in file of its name, outside the built-in folder."""
+    twin = builtin_dir() / path.name
+    try:
+        return path.resolve().parent != builtin_dir().resolve() and twin.is_file() \
+            and twin.read_bytes() == path.read_bytes()
+    except OSError:
+        return False
 
 
 def _describe_entry_point(ep) -> str:
@@ -284,19 +362,7 @@ def untrusted_cwd_files() -> list[Path]:
     d = _cwd_dir()
     if not d.is_dir() or _is_builtin_dir(d):
         return []
-    builtin = builtin_dir()
-    out = []
-    for path in sorted(d.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        twin = builtin / path.name
-        try:
-            if twin.is_file() and twin.read_bytes() == path.read_bytes():
-                continue
-        except OSError:
-            pass
-        out.append(path)
-    return out
+    return [path for path in sorted(d.glob("*.py")) if not path.name.startswith("_") and not _is_builtin_copy(path)]
 
 
 def untrusted_cwd_note(trusted: bool | None = None) -> str | None:

@@ -40,6 +40,9 @@ def machine_info() -> dict:
 
 
 def commit_info(repo: Path | None = None) -> dict:
+    """The checkout's commit: ``sha``; ``dirty``, true when tracked files are modified or untracked
+    (not ignored) files exist; ``changed_files`` / ``untracked_files``, how many (each None, and the
+    counts left out, where git cannot answer)."""
     repo = repo or Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -50,8 +53,12 @@ def commit_info(repo: Path | None = None) -> dict:
             return None
 
     sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+    status = git("status", "--porcelain", "--untracked-files=all")
+    if status is None:
+        return {"sha": sha, "dirty": None}
+    lines = [ln for ln in status.splitlines() if ln.strip()]
+    untracked = sum(ln.startswith("??") for ln in lines)
+    return {"sha": sha, "dirty": bool(lines), "changed_files": len(lines) - untracked, "untracked_files": untracked}
 
 
 def new_run_path(results_dir: Path) -> Path:

@@ -5,9 +5,13 @@ A run file is JSON::
 
     {"schema_version": 3, "created": ISO-8601, "tier": "smoke" | null,
      "machine": {"torch", "cuda", "device_name", "cpu_count", ...},
-     "commit": {"sha": str | null, "dirty": bool | null},
+     "commit": {"sha": str | null, "dirty": bool | null, "changed_files": int, "untracked_files": int},
      "selected": [{"estimator", "setting", "mode", "protocols": [...]}, ...],   (optional)
      "cases": [Case, ...], ...}
+
+``commit`` describes the influence_bench checkout that ran: ``dirty`` is true when a tracked file is
+modified or a file is untracked (ignored files do not count), ``changed_files`` / ``untracked_files``
+say how many (absent in older files, and where git could not answer).
 
 ``selected`` (written by the pytest plugin and ``influence-bench score``) lists what the run set out
 to score, so the regression gate can tell a case that was selected but produced no result from one a
@@ -61,6 +65,10 @@ class Case:
     test point alone (the paper's Table 1 view; the others in ``per_test`` are seeded random ones).
     ``n_unconverged_excluded``: removed points whose retrained model did not reach its convergence
     criterion, left out of the scored removals (run files without the field read as 0).
+    ``estimator_source``: the estimator's provenance (``influence_bench.api.provenance``): ``file``
+    (relative to the influence_bench root, else the bare file name), ``sha256`` (first 16 hex digits
+    of the sha256 of the file defining the class), ``class``, and ``package`` / ``version`` of the
+    distribution whose entry point provided it (null otherwise); ``{}`` in older run files.
     """
 
     estimator: str
@@ -93,6 +101,9 @@ class Case:
     device: str = "unknown"
     hyperparameters: dict = field(default_factory=dict)
     tags: list = field(default_factory=list)  # what the estimator declares (claims such as "second-order")
+    # where the estimator's code came from: {"file", "sha256", "class", "package", "version"}
+    # (``api/provenance.py``; {} in run files written before it was recorded)
+    estimator_source: dict = field(default_factory=dict)
     setting_info: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     message: str = ""
@@ -245,6 +256,9 @@ def run_from_json(doc: Any, path: Path | str | None = None) -> Run:
                 raise RunFileError(f"commit: missing field {key!r}")
         _check("commit.sha", doc["commit"]["sha"], "str | None")
         _check("commit.dirty", doc["commit"]["dirty"], "bool | None")
+        for key in ("changed_files", "untracked_files"):
+            if key in doc["commit"]:
+                _check(f"commit.{key}", doc["commit"][key], "int")
         if "selected" in doc:
             _check_selected(doc["selected"])
         cases = [case_from_json(c, f"cases[{i}]") for i, c in enumerate(doc["cases"])]

@@ -10,6 +10,7 @@ from influence_bench import metrics
 from influence_bench.api.context import Context
 from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from influence_bench.api.loading import get_context
+from influence_bench.api.provenance import estimator_source
 from influence_bench.api.registry import REGISTRY
 from influence_bench.data.datasets import lossy_note
 from influence_bench.groundtruth.store import GroundTruthStore
@@ -62,7 +63,8 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
                 hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags),
-                setting_info=_shape(setting, ctx), device=str(ctx.device))
+                estimator_source=estimator_source(type(est)), setting_info=_shape(setting, ctx),
+                device=str(ctx.device))
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one

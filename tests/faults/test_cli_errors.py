@@ -130,12 +130,14 @@ def test_entry_point_to_a_non_estimator_is_refused_by_name(tmp_path, monkeypatch
 
 
 @pytest.mark.fault("bad-plugin", "handled")
-def test_entry_point_duplicating_a_builtin_name_keeps_the_builtin(tmp_path, monkeypatch):
+def test_entry_point_duplicating_a_builtin_name_withdraws_the_name(tmp_path, monkeypatch):
     site = _site(tmp_path, {"exact": "ib_fault_dup:Plugin"}, {"ib_fault_dup": _estimator_src("exact")})
     monkeypatch.syspath_prepend(str(site))
     res = cli("list", "estimators")
-    _assert_handled(res, "duplicate estimator name 'exact'", "ib_fault_dup:Plugin", "bad-plugin")
-    assert REGISTRY.get("exact").__module__ == "influence_bench.estimators.exact"
+    _assert_handled(res, "defined", "ib_fault_dup:Plugin", "bad-plugin")
+    assert "exact" not in REGISTRY.names()  # neither class is used: asked for, the clash names both files
+    with pytest.raises(LookupError, match=r"by .*exact\.py:\d+ and by .*ib_fault_dup\.py:\d+"):
+        REGISTRY.get("exact")
 
 
 def _pytest(*args: str, cwd: Path = ROOT, **env) -> subprocess.CompletedProcess:
