@@ -7,7 +7,34 @@ Positive means point i was helping test point j. (docs/protocol.md has the whole
 The plug-in API (``influence_bench.api``) is this package's public face.
 """
 
-from influence_bench.api import REGISTRY, Context, Estimator, EstimatorError, EstimatorUnsupported, register
+from __future__ import annotations
 
-__all__ = ["Context", "Estimator", "EstimatorError", "EstimatorUnsupported", "REGISTRY", "register"]
+import importlib
+from typing import TYPE_CHECKING
+
+from influence_bench.errors import EstimatorError, EstimatorUnsupported, RegistryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from influence_bench.api import REGISTRY, Context, Estimator, register
+
 __version__ = "0.1.0"
+
+# loaded on first use (PEP 562): `import influence_bench` and the command line's --help and `list`
+# do not import torch
+_LAZY = {"Context": "influence_bench.api", "Estimator": "influence_bench.api", "REGISTRY": "influence_bench.api",
+         "register": "influence_bench.api"}
+
+__all__ = ["Context", "Estimator", "EstimatorError", "EstimatorUnsupported", "REGISTRY", "RegistryError",
+           "register", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,3 +18,8 @@ class EstimatorUnsupported(RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread while a run can still save what it finished (``score``):
     a ``KeyboardInterrupt``, so every guard that lets Ctrl-C through lets it through too."""
+
+
+class RegistryError(LookupError):
+    """An estimator that cannot be had: an unknown name, a plug-in that failed to load, a bad spec or
+    hyperparameter (``api/registry.py``, ``api/arguments.py``)."""

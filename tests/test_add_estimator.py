@@ -51,12 +51,18 @@ def test_readme_walkthrough_scores_the_new_estimator_next_to_the_builtins(tmp_pa
 
     res = _cli(*_readme_score_command(), "--results-dir", str(tmp_path / "results"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = [line for line in res.stdout.splitlines() if "loo-fixed" in line or "loo-topk" in line]
-    mine = [r for r in rows if " my-estimator " in r]
-    assert len(mine) == 2 and all("pass" in r for r in mine), res.stdout
-    # the built-ins' rows come from the committed baseline, for the same setting
-    assert any(" exact " in r for r in rows) and "from the baseline" in res.stdout, res.stdout
+    rows = [line.split() for line in res.stdout.splitlines()]
+    mine = [r for r in rows if r[1:3] in (["my-estimator", "loo-fixed"], ["my-estimator", "loo-topk"])]
+    assert len(mine) == 2 and all(r[0] == "pass" for r in mine), res.stdout
+    # ranked among the built-ins, whose values come from the committed baseline for the same setting
+    text = " ".join(res.stdout.split())
+    assert "my-estimator ranks loo-fixed" in text and " of 14 (best other: " in text, res.stdout
+    assert "in the baseline" in text and not any(r[1:2] == ["exact"] for r in rows), res.stdout
     assert list((tmp_path / "results" / "runs").glob("run-*.json"))
+    # --show-baseline: the built-ins' rows too, marked as not recomputed
+    res = _cli(*_readme_score_command(), "--show-baseline", "--results-dir", str(tmp_path / "results"), cwd=tmp_path)
+    rows = [line.split() for line in res.stdout.splitlines()]
+    assert any(r[1:3] == ["exact", "\u2020"] for r in rows) and "\u2020 from the baseline" in res.stdout, res.stdout
 
 
 def test_estimator_from_a_pip_installed_package_is_listed(tmp_path):

@@ -31,15 +31,10 @@ from importlib import metadata
 from pathlib import Path
 
 from influence_bench.api.estimator import Estimator
+from influence_bench.errors import RegistryError  # noqa: F401  (re-exported)
+from influence_bench.trust import TRUST_ENV, TRUST_FLAG, TRUST_TOML, _truthy  # noqa: F401  (re-exported)
 
 ENTRY_POINT_GROUP = "influence_bench.estimators"
-TRUST_ENV = "INFLUENCE_BENCH_TRUST_CWD"  # =1: import ./estimators of the working directory
-TRUST_FLAG = "--trust-cwd-estimators"  # the same, on the command line and as a pytest option
-TRUST_TOML = "[tool.influence-bench] trust-cwd-estimators = true"  # the same, in ./pyproject.toml
-
-
-class RegistryError(LookupError):
-    pass
 
 
 class DuplicateName(RegistryError):
@@ -69,10 +64,6 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
         text = f"{exc.msg} ({exc.filename}, line {exc.lineno})"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _location(cls: type) -> str:

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError
 from influence_bench.cli.options import CommandError, check_parsed, device, nonnegative_float, positive_int
-from influence_bench.errors import Terminated
+from influence_bench.errors import RegistryError, Terminated
 from influence_bench.paths import repo_root
 from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS
+from influence_bench.trust import TRUST_ENV, TRUST_FLAG, _truthy
 
 
 def estimator_summary(cls) -> str:
@@ -24,25 +24,42 @@ def estimator_summary(cls) -> str:
 
 
 def _list(args) -> int:
+    from influence_bench.reporting.render import Column, Table, render, terminal_width
+
+    width = terminal_width(args.wide)
     if args.what == "estimators":
+        from influence_bench.api.registry import REGISTRY
+
+        table = Table([Column("name", "estimator"), Column("tags", "tags"), Column("about", "what it is", flex=True)],
+                      fields=["name", "tags", "about", "status"])
         for name in REGISTRY.names():
             cls = REGISTRY.get(name)
-            doc = estimator_summary(cls)
-            tags = ",".join(sorted(cls.tags)) or "-"
-            print(f"{name:<16} {tags:<16} {doc}")
-        for failure in REGISTRY.failures:  # the others are listed; each broken plug-in is one line
-            print(f"{failure.name:<16} {'NOT LOADED':<16} {failure}")
+            table.rows.append({"name": name, "tags": ",".join(sorted(cls.tags)) or "-", "about": estimator_summary(cls),
+                               "status": "loaded"})
+        for failure in REGISTRY.failures:  # the others are listed; each broken plug-in is one row
+            table.rows.append({"name": failure.name, "tags": "NOT LOADED", "about": str(failure),
+                               "status": "not loaded"})
     else:
+        table = Table([Column("id", "setting"), Column("tier", "tier"), Column("version", "v", "right"),
+                       Column("spec_hash", "spec hash"), Column("description", "description", flex=True)])
         for s in catalog.select(tier=args.tier):
-            print(f"{s.id:<28} {s.tier:<8} v{s.version} {s.spec_hash}  {s.description}")
+            table.rows.append({"id": s.id, "tier": s.tier, "version": s.version, "spec_hash": s.spec_hash,
+                               "description": s.description})
+    print(render(table, args.format, width))
     return 0
 
 
 def _score(args) -> int:
+    from influence_bench.api.arguments import create, estimator_label
+    from influence_bench.cli.bars import ScoreBar
     from influence_bench.data.datasets import DataUnavailable
+    from influence_bench.reporting.render import terminal_width
     from influence_bench.scoring.session import ScoringSession
 
-    REGISTRY.get(args.estimator)  # an unknown name (or setting, below) is a usage error: `main` says it, exit 2
+    # every spec is checked (name, fields, types) before anything runs: a usage error, exit 2
+    labels = [estimator_label(create(spec)) for spec in args.estimator]
+    if len(set(labels)) < len(labels):
+        raise CommandError(f"an estimator is given twice: {', '.join(labels)}")
     settings = catalog.select(args.settings, tier=args.tier)
     if not settings:
         print(f"influence-bench: no setting matches {args.settings} in tier {args.tier!r}", file=sys.stderr)
@@ -64,22 +81,22 @@ def _score(args) -> int:
     except (ResultsDirError, RunFileError) as exc:
         print(f"influence-bench: {exc}", file=sys.stderr)
         return 2
-    with _stop_on_sigterm():
+    jobs = [(s.with_mode(args.mode) if args.mode else s, spec, label) for s in settings
+            for spec, label in zip(args.estimator, labels)]
+    protocols = tuple(args.protocol) if args.protocol else None
+    with _stop_on_sigterm(), ScoreBar(len(jobs), enabled=False if args.no_progress else None) as bar:
         try:
-            for s in settings:
-                s = s.with_mode(args.mode) if args.mode else s
-                protocols = tuple(args.protocol) if args.protocol else None
-                session.select(args.estimator, s, protocols)
-                if session.done(args.estimator, s, protocols):
-                    print(f"{args.estimator} on {s.id}: already in {args.resume}", file=sys.stderr, flush=True)
+            for i, (s, spec, label) in enumerate(jobs, 1):
+                session.select(label, s, protocols)
+                if session.done(label, s, protocols):
+                    bar.say(f"{label} on {s.id}: already in {args.resume}")
                     continue
-                print(f"scoring {args.estimator} on {s.id} ({s.ground_truth.mode} ground truth) ...", file=sys.stderr,
-                      flush=True)
+                bar.start(i, label, s.id, s.ground_truth.mode)
                 try:
-                    session.evaluate(args.estimator, s, protocols=protocols)
+                    session.evaluate(spec, s, protocols=protocols)
                 except DataUnavailable as exc:
                     skipped.append(f"{s.id}: {exc}")
-                    session.not_run(args.estimator, s, f"data unavailable: {exc}")
+                    session.not_run(label, s, f"data unavailable: {exc}")
                 except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated)
                     raise
                 except Exception as exc:  # the harness itself failed on this setting: say so, go on with the rest
@@ -87,7 +104,7 @@ def _score(args) -> int:
                         raise
                     first = (str(exc).strip().splitlines() or [""])[0][:300]
                     broken.append(f"{s.id}: {type(exc).__name__}: {first}")
-                    session.not_run(args.estimator, s, f"{type(exc).__name__}: {first}")
+                    session.not_run(label, s, f"{type(exc).__name__}: {first}")
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (errors.Terminated)
             why = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C (SIGINT)"
             path = session.write_run(Path(args.results_dir), extra={"tier": args.tier}, partial=f"stopped by {why}")
@@ -97,32 +114,37 @@ def _score(args) -> int:
             return 143 if isinstance(exc, Terminated) else 130
     cases = session.cases
     _, failures = session.judge()
-    reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, args.estimator)
-    print(session.table(reference))
+    reference = [] if args.no_baseline else _reference_cases(args.baseline, cases, labels)
+    width = terminal_width(args.wide)
+    print(session.table(reference, show_reference=args.show_baseline, fmt=args.format, width=width))
     if args.test_points:
         from influence_bench.reporting.table import test_point_table
 
-        print(test_point_table(cases))
-    if reference:
-        print(f"other estimators' rows: from the baseline {_baseline_path(args.baseline)} (not recomputed)")
-    for line in skipped:
-        print(f"skipped (data missing) {line}")
-    for line in broken:
-        print(f"ERROR (harness, not the estimator) {line}")
-    for line in failures:
-        print(f"FAIL {line}")
+        print(test_point_table(cases, args.format, width))
+    if args.format == "table":
+        from influence_bench.reporting.render import wrap_lines
+
+        lines = []
+        if reference:
+            shown = "shown with \u2020" if args.show_baseline else "--show-baseline shows their rows"
+            lines.append(f"ranks: among the other estimators' rows in the baseline {_baseline_path(args.baseline)} "
+                         f"(not recomputed; {shown})")
+        lines += ([f"skipped (data missing) {line}" for line in skipped]
+                 + [f"ERROR (harness, not the estimator) {line}" for line in broken]
+                 + [f"FAIL {line}" for line in failures])
+        print("\n".join(wrap_lines(lines, width)) if lines else "", end="\n" if lines else "")
+    else:  # machine formats: stdout holds the data alone; the verdict lines go to stderr
+        for line in [f"skipped (data missing) {x}" for x in skipped] + [f"ERROR (harness) {x}" for x in broken] \
+                + [f"FAIL {x}" for x in failures]:
+            print(line, file=sys.stderr)
     path = session.write_run(Path(args.results_dir), extra={"tier": args.tier})
     if path is not None:
-        print(f"results written to {path}")
+        print(f"results written to {path}", file=sys.stdout if args.format == "table" else sys.stderr)
     return 1 if failures or broken or any(c.status == "error" for c in cases) else 0
-
-
 
 
 def _debug() -> bool:
     """``--debug`` (``main`` sets the variable) or ``INFLUENCE_BENCH_DEBUG``, read as ``main`` reads it."""
-    from influence_bench.api.registry import _truthy
-
     return _truthy(os.environ.get("INFLUENCE_BENCH_DEBUG"))
 
 
@@ -155,22 +177,23 @@ def _baseline_path(given: str | None) -> Path | None:
     return root / "results" / "baseline.json" if root is not None else None
 
 
-def _reference_cases(given: str | None, cases: list, estimator: str) -> list:
+def _reference_cases(given: str | None, cases: list, estimators: list[str]) -> list:
     """The baseline's cases of the other estimators on the same settings (same spec hash) and protocols."""
     from influence_bench.reporting.schema import RunFileError, load_run
 
     path = _baseline_path(given)
+    alone = f"showing {', '.join(estimators)} alone"
     if path is None or not path.is_file():
         if given:
-            print(f"influence-bench: baseline {path} not found; showing {estimator} alone", file=sys.stderr)
+            print(f"influence-bench: baseline {path} not found; {alone}", file=sys.stderr)
         return []
     try:
         base = load_run(path)
     except RunFileError as exc:
-        print(f"influence-bench: {exc}; showing {estimator} alone", file=sys.stderr)
+        print(f"influence-bench: {exc}; {alone}", file=sys.stderr)
         return []
     here = {(c.setting, c.spec_hash, c.protocol) for c in cases}
-    return [c for c in base.cases if c.estimator != estimator and (c.setting, c.spec_hash, c.protocol) in here]
+    return [c for c in base.cases if c.estimator not in estimators and (c.setting, c.spec_hash, c.protocol) in here]
 
 
 def _compare(args) -> int:
@@ -277,11 +300,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: `{self.prog} --help` shows the usage\n")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("influence-bench")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from influence_bench import __version__
+
+        return __version__
+
+
+def _output_options(parser) -> None:
+    from influence_bench.reporting.render import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (default: fits 100 columns), markdown, csv or json (stdout holds the data alone)")
+    parser.add_argument("--wide", action="store_true", help="tables as wide as their content (every column)")
+
+
+EPILOGS = {
+    "main": """examples:
+  influence-bench list estimators
+  influence-bench score exact --settings 'iris-*'
+  influence-bench score 'lissa(depth=500,scale=10)' cg --settings iris-logreg-wd1e-3 --format csv
+  influence-bench compare results/runs/run-XXXX.json --baseline results/baseline.json
+  influence-bench report results/runs/run-XXXX.json --html report/
+
+`influence-bench COMMAND --help` shows a command's options; docs/protocol.md the protocol.""",
+    "list": """examples:
+  influence-bench list estimators
+  influence-bench list settings --tier smoke --format markdown""",
+    "score": """examples:
+  influence-bench score exact --settings 'iris-*'
+  influence-bench score 'lissa(depth=500,scale=10)' cg --settings iris-logreg-wd1e-3
+  influence-bench score my-estimator --trust-cwd-estimators --tier smoke --format json > scores.json
+  influence-bench score trak --settings 'cifar10-5k-*' --tier standard --resume results/runs/run-XXXX.jsonl
+
+Each case is judged against thresholds.toml (pass, FAIL, xfail); the exit status is 1 when one fails.
+A killed run keeps what finished in results/runs/run-*.jsonl: --resume picks up the rest.""",
+    "compare": """examples:
+  influence-bench compare results/runs/run-XXXX.json --gate spearman:-0.05 --gate time:+25%
+  influence-bench compare results/runs/run-XXXX.json --baseline results/baseline.json --format json""",
+}
+
+
 GLOBAL_FLAGS = ("--debug", TRUST_FLAG)  # accepted anywhere on the command line (``main`` takes them out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="influence-bench", description=__doc__)
+    p = _Parser(prog="influence-bench", description=__doc__, epilog=EPILOGS["main"],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"influence-bench {_version()}")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a failure instead of its one-line message "
                         "(also: INFLUENCE_BENCH_DEBUG=1)")
@@ -291,13 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "./pyproject.toml). Without it they are not imported")
     sub = p.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("list", help="list estimators or settings")
+    ls = sub.add_parser("list", help="list estimators or settings", epilog=EPILOGS["list"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("what", choices=["estimators", "settings"])
     ls.add_argument("--tier", choices=TIERS, default=None)
+    _output_options(ls)
     ls.set_defaults(func=_list)
 
-    sc = sub.add_parser("score", help="fidelity table for one estimator on the selected settings")
-    sc.add_argument("estimator")
+    sc = sub.add_parser("score", help="fidelity table of estimators on the selected settings", epilog=EPILOGS["score"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("estimator", nargs="+", metavar="ESTIMATOR",
+                    help="a registered name, or NAME(field=value,...) with hyperparameters, e.g. 'lissa(depth=500)' "
+                         "(quote it for the shell); several are scored one after the other")
     sc.add_argument("--settings", action="append", default=None, metavar="GLOB",
                     help="setting ids or globs (repeatable); default: all of the tier")
     sc.add_argument("--tier", choices=TIERS, default="smoke")
@@ -310,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--baseline", default=None, metavar="FILE",
                     help="show the other estimators' rows from this run file (default: the checkout's "
                          "results/baseline.json, when there is one)")
-    sc.add_argument("--no-baseline", action="store_true", help="show only ESTIMATOR's rows")
+    sc.add_argument("--no-baseline", action="store_true", help="no baseline: neither ranks nor rows")
+    sc.add_argument("--show-baseline", action="store_true",
+                    help="also print the baseline's rows of the other estimators (marked \u2020), not only the ranks")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
+    _output_options(sc)
     sc.add_argument("--time-limit", action="append", default=[], metavar="[NAME=]SECONDS",
                     help="time limit of one estimator call (default 3600 s or the class's time_limit_s); a call "
                          "past it is stopped and its case is an error")
@@ -330,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_groundtruth.add_parser(sub)
 
-    cp = sub.add_parser("compare", help="regression gate: compare a run file against a baseline")
+    cp = sub.add_parser("compare", help="regression gate: compare a run file against a baseline",
+                        epilog=EPILOGS["compare"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _output_options(cp)
     cp.add_argument("run", help="run file (results/runs/run-*.json)")
     cp.add_argument("--baseline", default="results/baseline.json")
     cp.add_argument("--gate", action="append", default=[], metavar="SPEC",
@@ -483,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     usage error and 1 otherwise (``--debug`` or INFLUENCE_BENCH_DEBUG=1: the traceback instead);
     Ctrl-C: one line, exit 130; stdout closed by the reader (``| head``): quietly, exit 141."""
     import traceback
+    import warnings
 
-    from influence_bench.api.registry import _truthy
-
+    # torch's own deprecation notice on importing torchvision's scripted ops: not the user's business
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     argv, flags = _take_global_flags(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in flags or _truthy(os.environ.get("INFLUENCE_BENCH_DEBUG"))
     if "--debug" in flags:
@@ -516,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             _say(said)
-    notes = list(REGISTRY.notes) + ([str(f) for f in REGISTRY.failures] if command != "list" else [])
+    registry = sys.modules.get("influence_bench.api.registry")  # loaded: the command used plug-ins
+    reg = registry.REGISTRY if registry is not None else None
+    notes = [] if reg is None else list(reg.notes) + ([str(f) for f in reg.failures] if command != "list" else [])
     _say([n for n in notes if not any(n in line for line in said)])
     return rc
 

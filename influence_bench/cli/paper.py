@@ -114,7 +114,7 @@ def _write(out: Path, cases, agreements, not_run) -> int:
 
 
 def add_parser(sub) -> None:
-    from influence_bench.paper import study
+    from influence_bench.paper import plan as study  # the defaults only: --help imports no torch
     from influence_bench.spec.catalog_iris_paper import DEPTHS, WEIGHT_DECAYS, WIDTHS
 
     p = sub.add_parser("paper", help="reproduce Basu et al. (2021) under its own and the converged protocol",

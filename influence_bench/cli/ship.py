@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from influence_bench import metrics
-from influence_bench.api.registry import builtin_estimators  # noqa: F401
-from influence_bench.scoring.runner import removals
 from influence_bench.spec import catalog
 
 
@@ -42,6 +40,7 @@ def _ship(args) -> int:
 
 def _ship_to(args, out: Path) -> int:
     from influence_bench.api.loading import get_context
+    from influence_bench.api.registry import builtin_estimators
     from influence_bench.cli.progress import Progress
     from influence_bench.data.datasets import DataUnavailable
     from influence_bench.groundtruth import GroundTruthStore, engine, shipped, store_key
@@ -51,6 +50,7 @@ def _ship_to(args, out: Path) -> int:
     if out.resolve() == cache.root.resolve():
         raise ValueError(f"the shipped root {out} cannot be the cache root (compaction would remove its shards)")
     from influence_bench.scoring import mutants
+    from influence_bench.scoring.runner import removals
 
     # the mutants' removals too: `influence-bench mutants` and its suite retrain nothing either
     estimators = args.estimator or builtin_estimators() + [mutants.create(n) for n in mutants.names()]

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from influence_bench import tally
+from influence_bench import progress, tally
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import engine, lds
 from influence_bench.groundtruth.compute import combine, compute  # noqa: F401
@@ -83,8 +83,12 @@ def _build_replicate(ctx: Context, kind: str, ids: np.ndarray, store: GroundTrut
                                  ctx.device.type, on_chunk, replicate)
                 tally.add(tally.COMPUTED, ctx.setting.id, len(missing))
             elif chunks:
+                done = 0
+                progress.advance("ground truth", 0, len(missing))
                 for part in chunks:
                     store.save_chunk(key, compute(ctx, kind, part, lds_spec, replicate), ceiling_method(ctx))
+                    done += len(part)
+                    progress.advance("ground truth", done, len(missing))
                     tally.add(tally.COMPUTED, ctx.setting.id, len(part))
                     if on_chunk is not None:
                         on_chunk(part)

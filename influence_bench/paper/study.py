@@ -15,20 +15,19 @@ from influence_bench.api.registry import REGISTRY
 from influence_bench.groundtruth.builder import build
 from influence_bench.groundtruth.recipes import STATIONARY_MAX
 from influence_bench.groundtruth.store import GroundTruthStore
+from influence_bench.paper.plan import (  # noqa: F401  (the defaults, torch-free for --help)
+    HORIZON_ESTIMATORS,
+    HORIZON_SETTINGS,
+    HORIZONS,
+    IRIS_ESTIMATORS,
+    MNIST_SETTINGS,
+)
 from influence_bench.reporting.schema import Case
 from influence_bench.scoring.protocols import fixed_removals
 from influence_bench.scoring.runner import evaluate_context
 from influence_bench.spec import catalog
 from influence_bench.spec.catalog_iris_paper import DEPTHS, PAPER_SUFFIX, WEIGHT_DECAYS, WIDTHS, with_horizon
 from influence_bench.spec.settings import Setting, format_wd
-
-IRIS_ESTIMATORS = ("exact", "lissa")  # the paper: the exact Hessian on Iris, compared with LiSSA
-HORIZONS = (1, 3, 10, 30, 100, 300, 1000)  # epochs of the paper's Adam from theta* (4 steps each)
-HORIZON_SETTINGS = ("iris-mlp-d4-w16-wd1e-3", "iris-mlp-d2-w32-wd1e-3")  # one depth, one width point
-# the PBRF's proximity is the Iris settings' damping (1e-3); exact-ggn at that damping is the
-# influence whose response the PBRF is (Bae et al. 2022), so its gap to the PBRF is linearisation alone
-HORIZON_ESTIMATORS = (("exact", {}), ("exact-ggn", {"damping": 1e-3}), ("lissa", {}))
-MNIST_SETTINGS = (("mnist5k-logreg-wd1e-3", ("exact", "lissa")), ("mnist5k-cnn-wd1e-3", ("exact-ggn", "lissa")))
 
 Progress = Callable[[str], None]
 

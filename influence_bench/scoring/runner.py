@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from influence_bench import metrics
+from influence_bench import metrics, progress
+from influence_bench.api.arguments import create, estimator_label
 from influence_bench.api.context import Context
 from influence_bench.api.estimator import Estimator, EstimatorError, EstimatorUnsupported, check_output
 from influence_bench.api.loading import get_context
 from influence_bench.api.provenance import estimator_source
-from influence_bench.api.registry import REGISTRY
 from influence_bench.data.datasets import lossy_note
 from influence_bench.groundtruth.store import GroundTruthStore
 from influence_bench.reporting.schema import (
@@ -29,6 +29,7 @@ from influence_bench.scoring.protocols import (  # noqa: F401
     topk_removals,
 )
 from influence_bench.scoring.setting_info import setting_info
+from influence_bench.scoring.warmup import warm_up
 from influence_bench.spec.settings import Setting
 
 
@@ -36,6 +37,7 @@ def run_estimator(est: Estimator, ctx: Context, limits: Limits | None = None) ->
     """Call the estimator under ``limits`` (``scoring/isolation.py``: a time and memory limit, and a
     context it cannot change for the next user), validate its output; returns (influence
     [n_test, n_train], time and memory). Raises ``EstimatorError`` / ``EstimatorUnsupported``."""
+    warm_up(ctx.device)  # the process's first torch.func call is not this estimator's cost (warmup.py)
     out, m = call(est, ctx, limits)
     return check_output(out, est.name, ctx.setting.id, (ctx.n_test, ctx.n_train), ctx.device).numpy(), m
 
@@ -45,7 +47,9 @@ def evaluate(estimator: str | Estimator, setting: Setting, device: str = "cpu",
              limits: Limits | None = None) -> list[Case]:
     """All cases of one estimator on one setting. Never raises for estimator failures: they become
     ``error`` / ``skipped`` cases carrying the message (the other cases still run)."""
-    return evaluate_context(estimator, get_context(setting, device), protocols, store, limits=limits)
+    with progress.phase("theta*"):  # loaded, or trained (minibatch training reports its steps)
+        ctx = get_context(setting, device)
+    return evaluate_context(estimator, ctx, protocols, store, limits=limits)
 
 
 def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[str, ...] | None = None,
@@ -57,10 +61,10 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     ``fresh=False`` hands the estimator ``ctx`` itself, gradients and curvature it holds included
     (the mutants share exact's; a fidelity case always gets a fresh copy). ``limits``: the call's
     time and memory limits and isolation (``scoring/isolation.py``)."""
-    est = REGISTRY.create(estimator) if isinstance(estimator, str) else estimator
+    est = create(estimator) if isinstance(estimator, str) else estimator  # a name or a spec: lissa(depth=500)
     setting = ctx.setting
     protocols = tuple(protocols) if protocols else setting.protocol.default
-    base = dict(estimator=est.name, setting=setting.id, setting_version=setting.version,
+    base = dict(estimator=estimator_label(est), setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
                 hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags),
                 estimator_source=estimator_source(type(est)), setting_info=_shape(setting, ctx),
@@ -68,14 +72,16 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     try:
         # a fresh cache: the case pays for the gradients and curvature it uses (its time does not
         # depend on which estimator ran before) and cannot leave edited tensors to the next one
-        influence, cost = run_estimator(est, ctx.fresh() if fresh else ctx, limits)
+        with progress.phase("estimator"):
+            influence, cost = run_estimator(est, ctx.fresh() if fresh else ctx, limits)
     except EstimatorUnsupported as exc:
         return [Case(protocol=p, metric=m, status="skipped", message=f"{est.name} on {setting.id}: {exc}", **base)
                 for p in protocols for m in metrics.METRICS]
     except EstimatorError as exc:
         return [Case(protocol=p, metric=m, status="error", message=str(exc), **base)
                 for p in protocols for m in metrics.METRICS]
-    compared = {p: compare(influence, ctx, p, store) for p in protocols}
+    with progress.phase("ground truth"):  # cached, shipped or retrained (the builder reports its models)
+        compared = {p: compare(influence, ctx, p, store) for p in protocols}
     info = setting_info(ctx) if info is None else info  # after ground truth, which has formed the Hessian where it can
     cases = []
     for p in protocols:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from influence_bench import paths, tally
 from influence_bench.api.registry import builtin_estimators
+from influence_bench.reporting.render import DEFAULT_WIDTH
 from influence_bench.reporting.runfiles import (
     append_journal,
     journal_path,
@@ -19,7 +20,7 @@ from influence_bench.reporting.runfiles import (
     write_run,
 )
 from influence_bench.reporting.schema import Case
-from influence_bench.reporting.table import fidelity_table
+from influence_bench.reporting.table import fidelity_table, rank_footers
 from influence_bench.scoring.isolation import Limits
 from influence_bench.scoring.runner import evaluate
 from influence_bench.spec.settings import Setting
@@ -95,7 +96,7 @@ class ScoringSession:
         self.cases += cases
         if self.journal is not None:
             append_journal(self.journal, cases)  # on disk before the next case starts
-        violation = shipped_violation(estimator, setting, work)
+        violation = shipped_violation(cases[0].estimator if cases else estimator, setting, work)
         if violation:
             self.shipped_violations.append(violation)
         return cases, violation
@@ -105,12 +106,17 @@ class ScoringSession:
         """(verdict per case key, failure lines) of ``cases`` (default: every case so far)."""
         return judge(self.cases if cases is None else cases, self.thresholds, known, tags_of=registered_tags)
 
-    def table(self, reference: list[Case] = ()) -> str:
-        """The fidelity table of the session's cases, with ``reference`` rows (e.g. a baseline's) judged too."""
+    def table(self, reference: list[Case] = (), show_reference: bool = False, fmt: str = "table",
+              width: int = DEFAULT_WIDTH) -> str:
+        """The fidelity table of the session's cases (``fmt``: table, markdown, csv, json; ``width``
+        columns at most), under each setting a line ranking them among the ``reference`` cases (e.g.
+        a baseline's); ``show_reference``: the reference rows too, judged, marked as not recomputed."""
         verdicts, _ = self.judge()
-        if reference:
-            verdicts = {**self.judge(list(reference))[0], **verdicts}
-        return fidelity_table(self.cases + list(reference), verdicts)
+        shown = list(reference) if show_reference else []
+        if shown:
+            verdicts = {**self.judge(shown)[0], **verdicts}
+        footers = rank_footers(self.cases, reference) if reference and fmt == "table" else None
+        return fidelity_table(self.cases, verdicts, shown, fmt=fmt, width=width, footers=footers)
 
     def write_run(self, results_dir: Path, extra: dict | None = None, partial: str | None = None) -> Path | None:
         """Write the run file atomically (with ``selected`` when anything was recorded by ``select``,

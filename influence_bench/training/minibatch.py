@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from influence_bench import progress
 from influence_bench.curvature import products as curvature
 from influence_bench.models.flat import FlatModel
 
@@ -203,6 +204,8 @@ def fit(fm: FlatModel, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w
     kept, at = [], []
 
     def keep(t: int, theta: torch.Tensor) -> None:
+        if t % steps_per_epoch == 0:
+            progress.advance("training theta*", t, recipe.steps)
         if t % every == 0 and t < recipe.steps:
             kept.append(theta[0].detach().clone())
             at.append(t)
