@@ -22,10 +22,11 @@ __version__ = "0.1.0"
 # loaded on first use (PEP 562): `import influence_bench` and the command line's --help and `list`
 # do not import torch
 _LAZY = {"Context": "influence_bench.api", "Estimator": "influence_bench.api", "REGISTRY": "influence_bench.api",
-         "register": "influence_bench.api"}
+         "register": "influence_bench.api", "score": "influence_bench.python_api",
+         "load_runs": "influence_bench.python_api"}
 
 __all__ = ["Context", "Estimator", "EstimatorError", "EstimatorUnsupported", "REGISTRY", "RegistryError",
-           "register", "__version__"]
+           "load_runs", "register", "score", "__version__"]
 
 
 def __getattr__(name: str):

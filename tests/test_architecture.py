@@ -22,7 +22,7 @@ LAYERS = [
     {"reporting"},
     {"scoring"},
     {"paper"},
-    {"cli", "pytest_plugin"},
+    {"cli", "pytest_plugin", "python_api"},
 ]
 MAX_DEPTH = 9  # subpackages on the longest import chain (the layers below + the public face)
 
