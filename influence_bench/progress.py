@@ -39,4 +39,5 @@ def phase(name: str, total: int | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        advance(name, total if total is not None else 1, total if total is not None else 1)
+        if total is not None:
+            advance(name, total, total)

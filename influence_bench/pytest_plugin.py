@@ -14,6 +14,7 @@ import pytest
 
 from influence_bench.api.registry import REGISTRY, TRUST_ENV, TRUST_FLAG, RegistryError
 from influence_bench.data.datasets import DataUnavailable
+from influence_bench.reporting.render import DEFAULT_WIDTH
 from influence_bench.spec import catalog
 from influence_bench.spec.settings import TIERS, Setting
 from influence_bench.spec.thresholds import Thresholds
@@ -33,7 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("influence-bench")
     g.addoption("--tier", default="smoke", choices=TIERS, help="settings tier to run (default: smoke)")
     g.addoption("--estimator", action="append", default=[], metavar="NAME",
-                help="only this estimator (repeatable); default: every registered estimator")
+                help="only this estimator (repeatable), a name or NAME(field=value,...) with hyperparameters, e.g. "
+                     "'lissa(depth=500)'; default: every registered estimator")
     g.addoption("--device", default="cpu", help="torch device for training, estimators and ground truth")
     g.addoption("--results-dir", default=None, metavar="DIR",
                 help="where run files go (default: <rootdir>/results); the run is results/runs/run-*.json")
@@ -204,10 +206,11 @@ def _selected_estimators(cfg: pytest.Config) -> list[str]:
     """``--estimator`` names, else every registered estimator. A registry error (an unknown name, or a
     plug-in that failed to load when all are asked for) is stashed, and the collection ends with it as a
     usage error (``pytest_collection_modifyitems``): raised here, pytest would show a traceback."""
+    from influence_bench.api.arguments import create, estimator_label
+
     try:
-        names = cfg.getoption("--estimator") or REGISTRY.names()
-        for n in names:
-            REGISTRY.get(n)  # unknown name: error with suggestions
+        # a spec with hyperparameters ('lissa(depth=500)') is checked and run under its label
+        names = [estimator_label(create(n)) for n in cfg.getoption("--estimator")] or REGISTRY.names()
         if not cfg.getoption("--estimator") and REGISTRY.failures:
             more = f" (and {len(REGISTRY.failures) - 1} more)" if len(REGISTRY.failures) > 1 else ""
             raise RegistryError(f"{REGISTRY.failures[0]}{more}; fix or uninstall it, or choose the estimators to run "
@@ -232,7 +235,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from influence_bench.scoring.checks import EXCEPTIONS, cases
 
         params = []
-        for name, check in cases(_selected_estimators(cfg)):
+        from influence_bench.api.arguments import base_name
+
+        # the contract checks are of a class (at its defaults): lissa(depth=500) is checked as lissa
+        chosen = list(dict.fromkeys(base_name(n) for n in _selected_estimators(cfg)))
+        for name, check in cases(chosen):
             reason = EXCEPTIONS.get((check.name, name))
             marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
             params.append(pytest.param((name, check), id=f"check-{check.name}-{name}", marks=marks))
@@ -315,7 +322,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     scoring = bench.scoring
     terminalreporter.section("influence-bench fidelity")
-    terminalreporter.write_line(scoring.table())
+    width = min(DEFAULT_WIDTH, max(60, getattr(terminalreporter, "_tw", None) and terminalreporter._tw.fullwidth
+                                   or DEFAULT_WIDTH))
+    terminalreporter.write_line(scoring.table(width=width))
     if scoring.run_path is not None:
         terminalreporter.write_line(f"results written to {scoring.run_path}")
     terminalreporter.write_line(scoring.work_summary())

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "influence_bench"
 
 # Lower layers first; a module may import its own layer or any lower one, never a higher one.
 LAYERS = [
-    {"paths", "hashing", "tally", "errors", "metrics"},
+    {"paths", "hashing", "tally", "errors", "metrics", "progress", "trust"},
     {"spec"},
     {"data", "models"},
     {"curvature"},
@@ -22,7 +22,7 @@ LAYERS = [
     {"reporting"},
     {"scoring"},
     {"paper"},
-    {"cli", "pytest_plugin", "python_api"},
+    {"cli", "pytest_plugin", "python_api", "__main__"},
 ]
 MAX_DEPTH = 9  # subpackages on the longest import chain (the layers below + the public face)
 

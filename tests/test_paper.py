@@ -118,7 +118,7 @@ def test_test_point_table_fits_and_shows_both_points():
     cases = [_case("iris-mlp-d8-w16-wd1e-3-paper", 0.3, highest=0.81, median=-0.12),
              _case("iris-mlp-d8-w16-wd1e-3-paper", 0.2, metric="pearson", highest=0.7, median=0.1)]
     text = test_point_table(cases)
-    assert "0.70/0.81" in text and "0.10/-0.12" in text and "-0.12..0.81" in text
+    assert "0.70 / 0.81" in text and "0.10 / -0.12" in text and "-0.12 .. 0.81" in text
     assert max(len(line) for line in text.splitlines()) <= 100
 
 

@@ -405,3 +405,12 @@ def builtin_estimators() -> list[str]:
         if src and root in Path(src).resolve().parents:
             out.append(name)
     return out
+
+
+def registered_tags(name: str) -> frozenset:
+    """The tags of a registered estimator, by its name or a label with hyperparameters
+    (``lissa(depth=500)``), for cases written before ``Case.tags`` existed; none if unknown."""
+    try:
+        return REGISTRY.get(name.split("(", 1)[0].strip()).tags
+    except RegistryError:
+        return frozenset()

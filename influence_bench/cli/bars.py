@@ -26,7 +26,7 @@ class ScoreBar:
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=Console(file=self.stream, width=100), transient=True)
+                                 console=Console(file=self.stream, width=100, force_terminal=True), transient=True)
             self._bar.start()
             self._task = self._bar.add_task("", total=None)
             self._listen = progress.listening(self._event)

@@ -130,8 +130,9 @@ def _score(args) -> int:
             lines.append(f"ranks: among the other estimators' rows in the baseline {_baseline_path(args.baseline)} "
                          f"(not recomputed; {shown})")
         lines += ([f"skipped (data missing) {line}" for line in skipped]
-                 + [f"ERROR (harness, not the estimator) {line}" for line in broken]
-                 + [f"FAIL {line}" for line in failures])
+                  + [f"ERROR (harness, not the estimator) {line}" for line in broken])
+        if failures:
+            lines.append(f"FAIL: {len(failures)} floor(s) failed; each is said under its row")
         print("\n".join(wrap_lines(lines, width)) if lines else "", end="\n" if lines else "")
     else:  # machine formats: stdout holds the data alone; the verdict lines go to stderr
         for line in [f"skipped (data missing) {x}" for x in skipped] + [f"ERROR (harness) {x}" for x in broken] \
@@ -213,7 +214,21 @@ def _compare(args) -> int:
     except (GateSpecError, RunFileError) as exc:
         print(f"influence-bench: {exc}", file=sys.stderr)
         return 2
-    print(format_comparison(res, args.run, args.baseline))
+    if args.format == "table":
+        from influence_bench.reporting.render import terminal_width, wrap_lines
+
+        print("\n".join(wrap_lines(format_comparison(res, args.run, args.baseline).splitlines(),
+                                   terminal_width(args.wide))))
+    else:
+        from influence_bench.reporting.render import Column, Table, render
+
+        table = Table([Column("section", "section"), Column("case", "case"), Column("detail", "detail", flex=True)])
+        for name in res.SECTIONS:
+            table.rows += [{"section": name, "case": f.label, "detail": f.detail} for f in getattr(res, name)]
+        table.rows += [{"section": "empty_gate", "case": g, "detail": "compared no case"} for g in res.empty_gates]
+        table.rows.append({"section": "verdict", "case": "GATE FAILED" if res.failed else "gate passed",
+                           "detail": f"{res.unchanged} within tolerance or noise"})
+        print(render(table, args.format))
     return 1 if res.failed else 0
 
 
@@ -335,10 +350,12 @@ EPILOGS = {
   influence-bench score exact --settings 'iris-*'
   influence-bench score 'lissa(depth=500,scale=10)' cg --settings iris-logreg-wd1e-3
   influence-bench score my-estimator --trust-cwd-estimators --tier smoke --format json > scores.json
-  influence-bench score trak --settings 'cifar10-5k-*' --tier standard --resume results/runs/run-XXXX.jsonl
+  influence-bench score trak --settings 'cifar10-5k-*' --tier standard
+  influence-bench score trak --tier standard --resume results/runs/run-XXXX.jsonl
 
-Each case is judged against thresholds.toml (pass, FAIL, xfail); the exit status is 1 when one fails.
-A killed run keeps what finished in results/runs/run-*.jsonl: --resume picks up the rest.""",
+Each case is judged against thresholds.toml (pass, FAIL, xfail); the exit status is 1 when
+one fails. A killed run keeps what finished in results/runs/run-*.jsonl: --resume picks up
+the rest.""",
     "compare": """examples:
   influence-bench compare results/runs/run-XXXX.json --gate spearman:-0.05 --gate time:+25%
   influence-bench compare results/runs/run-XXXX.json --baseline results/baseline.json --format json""",
@@ -560,6 +577,21 @@ def _say(lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see ``_main``); the environment variables ``--debug`` and
+    ``--trust-cwd-estimators`` set for the command's own processes are put back afterwards, so a
+    caller running several commands in one process (the tests) gets no flag it did not give."""
+    saved = {k: os.environ.get(k) for k in ("INFLUENCE_BENCH_DEBUG", TRUST_ENV)}
+    try:
+        return _main(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _main(argv: list[str] | None = None) -> int:
     """Every failure ends here as one or two lines naming what failed and what to do, exit 2 for a
     usage error and 1 otherwise (``--debug`` or INFLUENCE_BENCH_DEBUG=1: the traceback instead);
     Ctrl-C: one line, exit 130; stdout closed by the reader (``| head``): quietly, exit 141."""

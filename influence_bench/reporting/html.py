@@ -162,8 +162,12 @@ def run_rows(runs: list[Run]) -> list[str]:
 
 def write_html(runs: list[Run], out: Path) -> Path:
     """Write ``out/index.html`` and its PNGs; returns the page's path."""
-    from influence_bench import __version__
+    from importlib import metadata
 
+    try:
+        __version__ = metadata.version("influence-bench")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        __version__ = "unknown"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cases = merge_cases(runs)

@@ -104,7 +104,7 @@ def judged(cases) -> tuple[dict, dict]:
     """(verdict per (setting, estimator, protocol), its reason) of ``cases``, by the judge the CLI uses
     (``ScoringSession.judge``): the packaged thresholds, tags from the cases else the registry. The reason
     is the failure (or known-failure) lines of a FAIL / xfail, the message of an error / skip."""
-    from influence_bench.scoring.session import registered_tags
+    from influence_bench.api.registry import registered_tags
     from influence_bench.spec.thresholds import Thresholds, judge
 
     known: list[str] = []

@@ -50,10 +50,12 @@ FIDELITY_FIELDS = ["setting", "estimator", "protocol", "verdict", "status", "sou
                    "n_unconverged_excluded", "ceiling", "time_s", "peak_mib"]
 
 
-def fidelity_rows(cases: Iterable, verdicts: dict | None = None, reference: Iterable = ()) -> Table:
+def fidelity_rows(cases: Iterable, verdicts: dict | None = None, reference: Iterable = (),
+                  reasons: dict | None = None) -> Table:
     """One row per (setting, estimator, protocol), grouped by setting. ``verdicts`` maps (estimator,
     setting, protocol) -> "pass"/"FAIL"/"xfail". ``reference`` cases (a baseline's, not recomputed)
-    are marked with a dagger after the estimator's name."""
+    are marked with a dagger after the estimator's name. ``reasons`` maps a key to the lines that
+    explain its FAIL or xfail verdict (``judge(..., reasons=)``), printed whole under the row."""
     ref_keys = {(c.setting, c.estimator, c.protocol) for c in reference}
     rows, info = defaultdict(dict), {}
     for c in list(cases) + list(reference):
@@ -75,6 +77,8 @@ def fidelity_rows(cases: Iterable, verdicts: dict | None = None, reference: Iter
             row["verdict"] = row["verdict"] or {"skipped": "skip"}.get(c0.status, c0.status)
             row["_note"] = _reason(c0)
         else:
+            if (reasons or {}).get(key):
+                row["_note"] = " / ".join(_strip_key(line, est, setting, proto) for line in reasons[key])
             n = f"{c0.n_test}" + (f" ~{c0.n_unconverged_excluded}" if c0.n_unconverged_excluded else "")
             row.update(spearman_ci=(s.value, s.ci_low, s.ci_high) if s else None, pearson=p.value if p else None,
                        pearson_ci=(p.value, p.ci_low, p.ci_high) if p else None, spearman_min=s.min if s else None,
@@ -108,6 +112,12 @@ def fidelity_rows(cases: Iterable, verdicts: dict | None = None, reference: Iter
     return table
 
 
+def _strip_key(line: str, est: str, setting: str, proto: str) -> str:
+    """A verdict line without the ``est on setting (proto): `` its row already says."""
+    prefix = f"{est} on {setting} ({proto}): "
+    return line[len(prefix):] if line.startswith(prefix) else line
+
+
 def _reason(case) -> str:
     """An error's or a skip's message, whole, without a doubled ``est on setting:`` prefix."""
     text = " ".join((case.message or case.status).split())
@@ -118,10 +128,11 @@ def _reason(case) -> str:
 
 
 def fidelity_table(cases: Iterable, verdicts: dict | None = None, reference: Iterable = (),
-                   fmt: str = "table", width: int = DEFAULT_WIDTH, footers: dict | None = None) -> str:
+                   fmt: str = "table", width: int = DEFAULT_WIDTH, footers: dict | None = None,
+                   reasons: dict | None = None) -> str:
     """The fidelity table as text (``width`` columns at most), markdown, csv or json; ``footers``:
     lines printed under a setting's rows (e.g. ``rank_footers``)."""
-    table = fidelity_rows(cases, verdicts, reference)
+    table = fidelity_rows(cases, verdicts, reference, reasons)
     table.group_footers.update(footers or {})
     return render(table, fmt, width)
 

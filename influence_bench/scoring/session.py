@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from influence_bench import paths, tally
-from influence_bench.api.registry import builtin_estimators
+from influence_bench.api.registry import builtin_estimators, registered_tags  # noqa: F401  (re-exported)
 from influence_bench.reporting.render import DEFAULT_WIDTH
 from influence_bench.reporting.runfiles import (
     append_journal,
@@ -101,22 +101,25 @@ class ScoringSession:
             self.shipped_violations.append(violation)
         return cases, violation
 
-    def judge(self, cases: list[Case] | None = None, known: list[str] | None = None
+    def judge(self, cases: list[Case] | None = None, known: list[str] | None = None, reasons: dict | None = None
               ) -> tuple[dict, list[str]]:
-        """(verdict per case key, failure lines) of ``cases`` (default: every case so far)."""
-        return judge(self.cases if cases is None else cases, self.thresholds, known, tags_of=registered_tags)
+        """(verdict per case key, failure lines) of ``cases`` (default: every case so far); ``reasons``
+        receives each FAIL's and xfail's lines by key."""
+        return judge(self.cases if cases is None else cases, self.thresholds, known, tags_of=registered_tags,
+                     reasons=reasons)
 
     def table(self, reference: list[Case] = (), show_reference: bool = False, fmt: str = "table",
               width: int = DEFAULT_WIDTH) -> str:
         """The fidelity table of the session's cases (``fmt``: table, markdown, csv, json; ``width``
         columns at most), under each setting a line ranking them among the ``reference`` cases (e.g.
         a baseline's); ``show_reference``: the reference rows too, judged, marked as not recomputed."""
-        verdicts, _ = self.judge()
+        reasons: dict = {}
+        verdicts, _ = self.judge(reasons=reasons)
         shown = list(reference) if show_reference else []
         if shown:
-            verdicts = {**self.judge(shown)[0], **verdicts}
+            verdicts = {**self.judge(shown, reasons=reasons)[0], **verdicts}
         footers = rank_footers(self.cases, reference) if reference and fmt == "table" else None
-        return fidelity_table(self.cases, verdicts, shown, fmt=fmt, width=width, footers=footers)
+        return fidelity_table(self.cases, verdicts, shown, fmt=fmt, width=width, footers=footers, reasons=reasons)
 
     def write_run(self, results_dir: Path, extra: dict | None = None, partial: str | None = None) -> Path | None:
         """Write the run file atomically (with ``selected`` when anything was recorded by ``select``,
@@ -161,16 +164,6 @@ def check_writable(folder: Path) -> None:
     except OSError as exc:
         raise ResultsDirError(f"the results folder {folder} is not writable ({exc.strerror or exc}); choose "
                               "another with --results-dir") from None
-
-
-def registered_tags(name: str) -> frozenset:
-    """The tags of a registered estimator (cases written before ``Case.tags`` existed); none if unknown."""
-    from influence_bench.api.registry import REGISTRY, RegistryError
-
-    try:
-        return REGISTRY.get(name).tags
-    except RegistryError:
-        return frozenset()
 
 
 def shipped_violation(estimator: str, setting: Setting, work: Counter) -> str | None:

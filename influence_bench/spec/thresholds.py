@@ -209,14 +209,16 @@ def _line(est: str, setting: str, proto: str, f: Floor, c) -> str:
             f"n_test {c.n_test if c else 0}; rule: {f.describe()})")
 
 
-def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of=None) -> tuple[dict, list[str]]:
+def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of=None,
+          reasons: dict | None = None) -> tuple[dict, list[str]]:
     """Verdict per (setting, estimator, protocol) and one self-explaining line per failed floor.
 
     Verdicts: ``pass``, ``FAIL``, ``xfail`` (only known failures failed, each above its
     ``known_min``), or the case's status (``skipped`` / ``error``). A metric a floor bounds that is
     defined at too few test points (``Thresholds.test_points``) is a ``FAIL`` of its own, and that
     metric's floors are not consulted. Known failures' lines go to ``known`` (if given). An
-    estimator's tags come from its cases (``Case.tags``), else from ``tags_of(name)``.
+    estimator's tags come from its cases (``Case.tags``), else from ``tags_of(name)``. ``reasons`` (if
+    given) receives each key's failed and known-failure lines, for the tables to show under its row.
     """
     verdicts: dict = {}
     failures: list[str] = []
@@ -260,6 +262,8 @@ def judge(cases, thresholds: Thresholds, known: list[str] | None = None, tags_of
                 expected.append(f"{_line(est, setting, proto, f, c)} -- known failure: {f.known_failure} "
                                 f"(still >= known_min {f.known_min:g})")
         verdicts[(setting, est, proto)] = "FAIL" if bad else ("xfail" if expected else "pass")
+        if reasons is not None and (bad or expected):
+            reasons[(setting, est, proto)] = bad + expected
         failures += bad
         known += expected
     return verdicts, failures
