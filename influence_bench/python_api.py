@@ -92,13 +92,14 @@ def score(estimators, settings: str | Iterable[str] | None = None, tier: str | N
                 reason = f"data unavailable: {exc}"
                 session.not_run(label, s, reason)
                 not_run.setdefault(s.id, reason)
-    verdicts, failures = session.judge()
+    reasons: dict = {}
+    verdicts, failures = session.judge(reasons=reasons)
     if run_path is not None:
         run_path = session.write_run(Path(results_dir), extra=extra)  # None when nothing finished
     if per_test:
         df = _frame(frames.test_point_records(session.cases, verdicts), frames.TEST_POINT_FIELDS)
     else:
-        df = _frame(frames.case_records(session.cases, verdicts), frames.case_columns())
+        df = _frame(frames.case_records(session.cases, verdicts, reasons), frames.case_columns())
     df.attrs.update(run_file=str(run_path) if run_path is not None else None, not_run=not_run, failures=failures)
     return df
 
@@ -120,10 +121,12 @@ def load_runs(paths, per_test: bool = False) -> "pd.DataFrame":
     records = []
     for path in frames.run_files(paths):
         run = load_run(path)
-        verdicts, _ = judge(run.cases, thresholds, tags_of=_registered_tags)
+        reasons: dict = {}
+        verdicts, _ = judge(run.cases, thresholds, tags_of=_registered_tags, reasons=reasons)
         meta = frames.run_record(run)
         columns += [k for k in meta if k not in columns]
-        rows = frames.test_point_records(run.cases, verdicts) if per_test else frames.case_records(run.cases, verdicts)
+        rows = (frames.test_point_records(run.cases, verdicts) if per_test
+                else frames.case_records(run.cases, verdicts, reasons))
         records += [{**r, **meta} for r in rows]
     return _frame(records, columns)
 
@@ -168,20 +171,18 @@ def _init_values(est) -> dict:
 
 
 def _checked_device(device: str) -> str:
-    import argparse
-
-    from influence_bench.cli.options import device as parse_device
+    from influence_bench.devices import check_device
 
     try:
-        return parse_device(device)
-    except argparse.ArgumentTypeError as exc:
+        return check_device(device)
+    except ValueError as exc:
         msg = str(exc).replace("--device cpu", "device='cpu'")
         raise ValueError(f"device {msg}") from None
 
 
 def _registered_tags(name: str) -> frozenset:
     """``session.registered_tags``, imported (with torch) only when an old case lacks its tags."""
-    from influence_bench.scoring.session import registered_tags
+    from influence_bench.api.registry import registered_tags
 
     return registered_tags(name)
 

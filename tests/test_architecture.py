@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "influence_bench"
 
 # Lower layers first; a module may import its own layer or any lower one, never a higher one.
 LAYERS = [
-    {"paths", "hashing", "tally", "errors", "metrics", "progress", "trust"},
+    {"paths", "hashing", "tally", "errors", "metrics", "progress", "trust", "devices"},
     {"spec"},
     {"data", "models"},
     {"curvature"},
@@ -122,6 +122,8 @@ def subpackage_graph() -> dict[str, set[str]]:
     top = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
     out: dict[str, set[str]] = {}
     for m, deps in graph().items():
+        if m == "influence_bench.__main__":  # `python -m influence_bench`: the entry point, no layer of its own
+            continue
         out.setdefault(top(m), set()).update(top(d) for d in deps if top(d) != top(m))
     return out
 

@@ -13,25 +13,13 @@ class CommandError(ValueError):
 
 
 def device(value: str) -> str:
-    """``cpu``, or ``cuda`` / ``cuda:N`` naming a CUDA device this machine has."""
-    import torch
+    """``cpu``, or ``cuda`` / ``cuda:N`` naming a CUDA device this machine has (``devices.check_device``)."""
+    from influence_bench.devices import check_device
 
     try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return value
-    if dev.type != "cuda":
-        raise argparse.ArgumentTypeError(f"{value!r}: only cpu and cuda[:N] are supported")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
-        raise argparse.ArgumentTypeError(f"{value!r}: this machine has no usable CUDA device ({build}, "
-                                         f"torch {torch.__version__}); use --device cpu")
-    n = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= n:
-        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {n} CUDA device(s): cuda:0 to cuda:{n - 1}")
-    return value
+        return check_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _int(value: str) -> int:

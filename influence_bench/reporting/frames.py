@@ -25,11 +25,12 @@ def case_columns() -> list[str]:
     return list(FIDELITY_FIELDS) + ["note"] + CASE_EXTRA
 
 
-def case_records(cases: Iterable, verdicts: dict) -> list[dict]:
+def case_records(cases: Iterable, verdicts: dict, reasons: dict | None = None) -> list[dict]:
     """One record per (setting, estimator, protocol): ``fidelity_rows``' raw fields, the note (an
-    error's or a skip's message) and the extras. ``verdicts``: (setting, estimator, protocol) -> verdict."""
+    error's or a skip's message, a FAIL's or an xfail's reasons from ``reasons``) and the extras.
+    ``verdicts``: (setting, estimator, protocol) -> verdict."""
     cases = list(cases)
-    table = fidelity_rows(cases, verdicts)
+    table = fidelity_rows(cases, verdicts, reasons=reasons)
     case_of = {(c.setting, c.estimator, c.protocol): c for c in cases}
     out = []
     for row in table.rows:
