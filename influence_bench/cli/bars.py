@@ -16,7 +16,7 @@ class ScoreBar:
         self.stream = stream or sys.stderr
         self.n = n_jobs
         self.enabled = getattr(self.stream, "isatty", lambda: False)() if enabled is None else enabled
-        self.job = ""
+        self.job, self.phase = "", None
         self._bar = self._task = self._listen = None
 
     def __enter__(self):
@@ -26,7 +26,8 @@ class ScoreBar:
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=Console(file=self.stream, width=100, force_terminal=True), transient=True)
+                                 console=Console(file=self.stream, width=100, force_terminal=True), transient=True,
+                                 speed_estimate_period=3600)  # a chunk of retrained models can take minutes
             self._bar.start()
             self._task = self._bar.add_task("", total=None)
             self._listen = progress.listening(self._event)
@@ -41,11 +42,11 @@ class ScoreBar:
 
     def start(self, i: int, estimator: str, setting: str, mode: str) -> None:
         """Job ``i`` (1-based) of ``n_jobs``: ``estimator`` on ``setting``."""
-        self.job = f"[{i}/{self.n}] {estimator} on {setting}"
+        self.job, self.phase = f"[{i}/{self.n}] {estimator} on {setting}", None
         if self._bar is None:
             print(f"{self.job} ({mode} ground truth) ...", file=self.stream, flush=True)
         else:
-            self._bar.update(self._task, description=self.job, completed=0, total=None)
+            self._bar.reset(self._task, description=self.job, completed=0, total=None)
 
     def say(self, line: str) -> None:
         if self._bar is not None:
@@ -55,5 +56,9 @@ class ScoreBar:
 
     def _event(self, phase: str, done: int, total: int | None) -> None:
         unit = UNITS.get(phase, "")
-        self._bar.update(self._task, description=f"{self.job} · {phase}" + (f" ({unit})" if unit and total else ""),
-                         completed=done, total=total)
+        what = f"{self.job} · {phase}" + (f" ({unit})" if unit and total else "")
+        if phase != self.phase or done == 0:  # a new phase: its own count and rate (ETA)
+            self.phase = phase
+            self._bar.reset(self._task, description=what, completed=done, total=total)
+        else:
+            self._bar.update(self._task, description=what, completed=done, total=total)
