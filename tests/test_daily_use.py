@@ -167,6 +167,11 @@ def test_bad_specs_are_usage_errors_naming_the_field(capsys, spec, names):
         assert n in err, err
 
 
+def test_a_second_table_is_refused_where_stdout_holds_one_document(capsys):
+    rc, out, err = _run(capsys, "score", "exact", "--settings", SETTING, "--format", "json", "--test-points")
+    assert rc == 2 and out == "" and "per_test=True" in err
+
+
 @settings(max_examples=40, deadline=None)
 @given(depth=st.integers(1, 10**6), damping=st.floats(0, 1e3, allow_nan=False), seed=st.integers(0, 2**31))
 def test_any_valid_hyperparameters_round_trip_through_their_label(depth, damping, seed):

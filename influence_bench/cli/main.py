@@ -57,6 +57,9 @@ def _score(args) -> int:
     from influence_bench.scoring.session import ScoringSession
 
     # every spec is checked (name, fields, types) before anything runs: a usage error, exit 2
+    if args.test_points and args.format != "table":
+        raise CommandError(f"--test-points is a second table; with --format {args.format} stdout holds one "
+                           "document: use the Python API's influence_bench.score(..., per_test=True)")
     labels = [estimator_label(create(spec)) for spec in args.estimator]
     if len(set(labels)) < len(labels):
         raise CommandError(f"an estimator is given twice: {', '.join(labels)}")
