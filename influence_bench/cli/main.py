@@ -16,10 +16,16 @@ from influence_bench.trust import TRUST_ENV, TRUST_FLAG, _truthy
 
 
 def estimator_summary(cls) -> str:
-    """First line of the class docstring, else of its module's (dataclasses invent a class doc)."""
+    """The first sentence of the class docstring, else of its module's (dataclasses invent a class
+    doc), without a leading ````name````: that repeats the estimator's name."""
+    import re
+
     for doc in (cls.__doc__, sys.modules[cls.__module__].__doc__):
         if doc and not doc.startswith(f"{cls.__name__}("):
-            return doc.strip().splitlines()[0]
+            para = " ".join(doc.strip().split("\n\n")[0].split())
+            para = re.sub(rf"^``{re.escape(cls.name)}``:\s*", "", para)
+            m = re.match(r"(.+?(?<!et al)(?<!e\.g)(?<!i\.e)\.)(\s+[A-Z(]|$)", para)
+            return m.group(1) if m else para
     return ""
 
 
