@@ -64,7 +64,8 @@ def test_page_is_static_escaped_and_complete(page):
     run = load_run(page.parents[1] / "run.json")
     assert f">{run.machine['torch']}<" in html and run.created in html and ">smoke<" in html
     for img in ("spread.png", "time_vs_fidelity.png", "fidelity_vs_depth.png"):
-        assert f'src="{img}"' in html and (page.parent / img).is_file()
+        assert f'data-file="{img}"' in html and (page.parent / img).is_file()  # in the page, and beside it
+    assert html.count('src="data:image/png;base64,') >= 3 and "img-src data:;" in html
     from influence_bench import __version__
 
     assert f"influence-bench {__version__}" in html

@@ -1,6 +1,6 @@
-"""``influence-bench report --html DIR``: one static page, ``DIR/index.html``, with the figures as
-PNG files beside it (relative links; no network, no CDN: CSS and JS are inline, so the folder works
-opened from disk offline).
+"""``influence-bench report --html DIR``: one static, self-contained page, ``DIR/index.html``: the
+figures are inside it (base64 PNGs; the PNG files are also written beside it), CSS and JS are
+inline, nothing is fetched (no network, no CDN), so the one file works opened from disk offline.
 
 The page holds the runs' machines and commits, a sortable, filterable fidelity table (one row per
 (setting, estimator, protocol) with its verdict, judged as ``influence-bench score`` judges, and the
@@ -160,6 +160,13 @@ def run_rows(runs: list[Run]) -> list[str]:
     return out
 
 
+def _data_uri(png: Path) -> str:
+    """The figure inside the page (one file to mail or archive; the PNG stays beside it too)."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
 def write_html(runs: list[Run], out: Path) -> Path:
     """Write ``out/index.html`` and its PNGs; returns the page's path."""
     from importlib import metadata
@@ -186,11 +193,12 @@ def write_html(runs: list[Run], out: Path) -> Path:
     figures = []
     for title, name, why in draw_figures(points, out):
         figures.append(f"<h3>{_e(title)}</h3>" + (f'<p class="note">Not drawn: {_e(why)}.</p>' if why else
-                                                  f'<img src="{_e(name)}" alt="{_e(title)}">'))
+                                                  f'<img src="{_data_uri(out / name)}" alt="{_e(title)}" '
+                                                  f'data-file="{_e(name)}">'))
     html = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         # only the page's own script may run, whatever a run file smuggles past the escaping
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self' file: data:; "
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
         f"style-src 'unsafe-inline'; script-src '{_sha256(JS)}'\">",
         '<link rel="icon" href="data:,">', "<title>influence-bench report</title>",
         f"<style>{CSS}</style></head><body>",
