@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from influence_bench.cli.main import main
 
 
@@ -14,6 +16,35 @@ def test_bench_ground_truth_agrees_and_reports_ratio_and_gflops(tmp_path, capsys
     assert r["n_models"] == 7 and r["batched_s"] > 0 and r["sequential_s"] > 0
     assert r["max_abs_diff"] <= 1e-6 * r["max_abs_delta"]
     assert r["batched_gflop"] > 0 and r["matmul_gflops"] > 0
+    # every warm-Newton path, each with its ratio, GFLOP/s against the matmul's, and agreement
+    names = [p["name"] for p in r["paths"]]
+    assert names == ["explicit Hessian", "Newton-CG batched", "sequential loop"]
+    assert r["engine_choice"] == "explicit Hessian" and [p["default"] for p in r["paths"]] == [True, False, False]
+    for p in r["paths"]:
+        assert p["seconds"] > 0 and p["gflop"] > 0 and p["max_abs_diff"] <= 1e-6 * r["max_abs_delta"]
+        assert abs(p["speedup"] - r["sequential_s"] / p["seconds"]) <= 1e-9 * p["speedup"]
+        assert abs(p["matmul_fraction"] - p["gflops"] / r["matmul_gflops"]) <= 1e-12
+        assert p["name"] in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_explicit_path_counts_its_factorisations(monkeypatch):
+    """The explicit path's FLOPs are the counter's plus P^3/3 + 2 P^2 per model and step (the
+    Cholesky factor and solves the counter does not see); the CG path gets no such term."""
+    from influence_bench.api.loading import get_context
+    from influence_bench.groundtruth import engine
+    from influence_bench.groundtruth.bench import _count_gflop
+    from influence_bench.spec import catalog
+    from influence_bench.training import newton_explicit
+
+    ctx = get_context(catalog.get_setting("iris-logreg-wd1e-3"))
+    removed = np.array([3, 40])
+    steps = int(engine.retrain(ctx, np.concatenate([[-1], removed]), batched="explicit").steps.sum())
+    assert steps > 0 and newton_explicit.step_flops(15) == 15 ** 3 / 3 + 2 * 15 ** 2
+    counted = {b: _count_gflop(ctx, removed, b) for b in ("explicit", "cg")}
+    monkeypatch.setattr(newton_explicit, "step_flops", lambda p: 1e9)  # 1 GFLOP per model and step
+    assert abs(_count_gflop(ctx, removed, "explicit") - counted["explicit"] - steps) < 1e-3
+    assert _count_gflop(ctx, removed, "cg") == counted["cg"]
 
 
 def test_bench_unknown_setting_is_a_clear_error(capsys):

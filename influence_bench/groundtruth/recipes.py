@@ -9,7 +9,8 @@ before running:
 * ``warm-newton``: warm start at theta*, Newton-CG steps until the gradient norm falls to
   ``GRAD_RTOL`` of its start (or ``grad_tol``), at most ``max_steps``; Levenberg-Marquardt damping
   that starts at ``damping`` and adapts per model; preconditioned by H* with a per-model Woodbury
-  downdate; deterministic; a model that runs out of steps is recorded as not converged;
+  downdate; deterministic; a model that runs out of steps is recorded as not converged; small
+  softmax-linear models solve each step exactly on explicit batched Hessians (``newton_explicit``);
 * ``warm-minibatch``: ``steps`` steps of SGD / Adam from theta* on the replicate's batches;
 * ``scratch-minibatch``: the setting's own minibatch training again from its initialisation;
 * ``scratch-full-batch``: the setting's own L-BFGS + Newton fit, one model at a time;
@@ -28,7 +29,7 @@ from influence_bench.api.context import Context
 from influence_bench.groundtruth import pbrf
 from influence_bench.groundtruth.common import initial_theta, preconditioner
 from influence_bench.training import fit as training
-from influence_bench.training import minibatch
+from influence_bench.training import minibatch, newton_explicit
 from influence_bench.training.newton import NewtonResult, newton_cg_batched, newton_cg_sequential
 
 # Bump whenever a change to the retraining can change stored numbers: it is part of the store key.
@@ -94,9 +95,14 @@ def _minibatch(ctx: Context, weights: torch.Tensor, max_steps: int, downdate=Non
 def _warm_newton(ctx: Context, weights: torch.Tensor, max_steps: int, downdate: torch.Tensor | None = None,
                  batched=True, replicate: int = 0) -> NewtonResult:
     """Warm start from theta*, the setting's damping / CG budget, preconditioned by H* (per-model
-    Woodbury if ``downdate``)."""
+    Woodbury if ``downdate``). ``batched``: True = the engine's choice (``newton_explicit.applies``:
+    explicit batched Hessians for small softmax-linear models, else Newton-CG), "explicit" / "cg" = that
+    path regardless (the benchmark times both), False = ``newton_cg_sequential``."""
     gt = ctx.setting.ground_truth
-    run = newton_cg_batched if batched else newton_cg_sequential
+    if batched is True:
+        batched = "explicit" if newton_explicit.applies(ctx.fm, ctx.n_params) else "cg"
+    run = {"explicit": newton_explicit.newton_explicit_batched, "cg": newton_cg_batched,
+           False: newton_cg_sequential}[batched]
     kw = dict(damping=gt.damping, cg_iters=gt.cg_iters, grad_rtol=GRAD_RTOL, adaptive=True)
     if batched and downdate is not None:
         kw["downdate"] = downdate
