@@ -168,10 +168,11 @@ def render_text(table: Table, width: int = DEFAULT_WIDTH) -> str:
         if total(widths, sorted(shown + [i])) <= width:
             shown = sorted(shown + [i])
     over = total(widths, shown) - width
-    for i in [i for i in shown if cols[i].flex]:  # flex columns give up their excess, down to 8 (or header)
-        if over <= 0:
+    for i in [i for i in shown if cols[i].flex]:  # flex columns give up their excess, down to their longest
+        if over <= 0:                              # word (never cut: a path stays whole) or 8 (or the header)
             break
-        floor = max(8, min(len(cols[i].header), widths[i]))
+        longest = max([len(w) for row in cells for w in row[i].split()] + [0])
+        floor = max(8, longest, min(len(cols[i].header), widths[i]))
         give = min(over, widths[i] - floor)
         widths[i] -= give
         over -= give
