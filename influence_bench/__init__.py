@@ -9,10 +9,10 @@ The plug-in API (``influence_bench.api``) is this package's public face.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from influence_bench.errors import EstimatorError, EstimatorUnsupported, RegistryError
+from influence_bench.lazy import lazy_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from influence_bench.api import REGISTRY, Context, Estimator, register
@@ -29,13 +29,4 @@ __all__ = ["Context", "Estimator", "EstimatorError", "EstimatorUnsupported", "RE
            "load_runs", "register", "score", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(globals(), _LAZY)

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "influence_bench"
 
 # Lower layers first; a module may import its own layer or any lower one, never a higher one.
 LAYERS = [
-    {"paths", "hashing", "tally", "errors", "metrics", "progress", "trust", "devices"},
+    {"paths", "hashing", "tally", "errors", "metrics", "progress", "trust", "devices", "lazy"},
     {"spec"},
     {"data", "models"},
     {"curvature"},

@@ -7,10 +7,10 @@ command line's ``--help``, ``list``, reading run files) does not import torch.""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from influence_bench.errors import EstimatorError, EstimatorUnsupported
+from influence_bench.lazy import lazy_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from influence_bench.api.context import Context
@@ -23,13 +23,4 @@ _LAZY = {"Context": "influence_bench.api.context", "Estimator": "influence_bench
 __all__ = ["Context", "Estimator", "EstimatorError", "EstimatorUnsupported", "REGISTRY", "register"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(globals(), _LAZY)
