@@ -629,6 +629,11 @@ def _main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         term = type(exc).__name__ == "Terminated"
         _say(["stopped by SIGTERM" if term else "interrupted (Ctrl-C)"])
+        # CPython marks a KeyboardInterrupt that left an exec() of a string (dataclasses build their
+        # methods so, e.g. while torch imports) as unhandled even though it is caught here, and
+        # `python -m` then ends by killing itself with SIGINT (exit -2, not 130); every exec() of a
+        # string clears that mark first, so an empty one does
+        exec("", {})  # noqa: S102
         return 143 if term else 130
     except BrokenPipeError:
         _quiet_stdout()

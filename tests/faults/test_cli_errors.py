@@ -462,6 +462,25 @@ def test_keyboard_interrupt_is_one_line_and_exit_130(monkeypatch):
 
 
 @pytest.mark.fault("process", "clear-error")
+def test_ctrl_c_inside_an_exec_of_a_string_still_exits_130_under_python_m(tmp_path):
+    """The deterministic form of a Ctrl-C that lands while torch imports (inside a dataclass's
+    exec): CPython marks it unhandled although main() caught it, and `python -m` then killed
+    itself with SIGINT (exit -2) after printing the one line."""
+    import signal
+
+    (tmp_path / "ctrl_c_in_exec.py").write_text(textwrap.dedent("""
+        import importlib
+        import sys
+        m = importlib.import_module("influence_bench.cli.main")
+        m.check_parsed = lambda args: exec("raise KeyboardInterrupt", {})
+        sys.exit(m.main(["list", "settings"]))
+    """))
+    proc = subprocess.run([sys.executable, "-m", "ctrl_c_in_exec"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert_clear_error(Result(proc.returncode, proc.stdout, proc.stderr), "interrupted", rc=130, max_lines=1)
+
+
+@pytest.mark.fault("process", "clear-error")
 @pytest.mark.parametrize("after", [2.5, 8.0], ids=["while-importing", "while-training"])
 def test_sigint_to_a_running_command_is_one_line_and_exit_130(tmp_path, after):
     import signal
