@@ -206,11 +206,12 @@ def _selected_estimators(cfg: pytest.Config) -> list[str]:
     """``--estimator`` names, else every registered estimator. A registry error (an unknown name, or a
     plug-in that failed to load when all are asked for) is stashed, and the collection ends with it as a
     usage error (``pytest_collection_modifyitems``): raised here, pytest would show a traceback."""
-    from influence_bench.api.arguments import create, estimator_label
+    from influence_bench.api.arguments import create, estimator_label, expand_specs
 
     try:
         # a spec with hyperparameters ('lissa(depth=500)') is checked and run under its label
-        names = [estimator_label(create(n)) for n in cfg.getoption("--estimator")] or REGISTRY.names()
+        names = [estimator_label(create(n)) for n in expand_specs(cfg.getoption("--estimator"))] \
+            or REGISTRY.default_names()
         if not cfg.getoption("--estimator") and REGISTRY.failures:
             more = f" (and {len(REGISTRY.failures) - 1} more)" if len(REGISTRY.failures) > 1 else ""
             raise RegistryError(f"{REGISTRY.failures[0]}{more}; fix or uninstall it, or choose the estimators to run "

@@ -133,12 +133,13 @@ def load_runs(paths, per_test: bool = False) -> "pd.DataFrame":
 
 def _checked_estimators(estimators) -> list[tuple[Any, str]]:
     """(what to evaluate, its label) per estimator, every spec and instance checked up front."""
-    from influence_bench.api.arguments import check_arguments, create, estimator_label
+    from influence_bench.api.arguments import check_arguments, create, estimator_label, expand_specs
     from influence_bench.api.estimator import Estimator
     from influence_bench.api.registry import REGISTRY
     from influence_bench.errors import RegistryError
 
     items = [estimators] if isinstance(estimators, (str, Estimator)) else list(estimators)
+    items = [x for group in (expand_specs([i]) if isinstance(i, str) else [i] for i in items) for x in group]
     if not items:
         raise ValueError("no estimator given: pass a name, a spec like 'lissa(depth=500)' or an Estimator")
     jobs = []

@@ -7,6 +7,7 @@
 
 import pytest
 
+from influence_bench.api.arguments import expand_specs
 from influence_bench.api.estimator import EstimatorUnsupported
 from influence_bench.api.registry import REGISTRY
 from influence_bench.data.datasets import DataUnavailable
@@ -18,7 +19,7 @@ BENCH_SETTINGS = ("iris-logreg-wd1e-3", "iris-mlp-d3-w16-wd1e-3", "mnist5k-logre
 
 def pytest_generate_tests(metafunc):
     if "bench_estimator" in metafunc.fixturenames:
-        names = metafunc.config.getoption("--estimator") or REGISTRY.names()
+        names = expand_specs(metafunc.config.getoption("--estimator")) or REGISTRY.default_names()
         params = [pytest.param((n, s), id=f"bench-{n}-{s}") for n in names for s in BENCH_SETTINGS]
         metafunc.parametrize("bench_estimator", params)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from influence_bench.errors import RegistryError
 
-_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\((.*)\))?\s*$", re.S)
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_.:\-]+)\s*(?:\((.*)\))?\s*$", re.S)  # `dattri:explicit`: a namespaced name
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -149,6 +149,30 @@ def check_arguments(cls: type, given: dict[str, Any], where: str = "") -> dict[s
                                 f"got {value!r} ({type(value).__name__})")
         out[key] = got
     return out
+
+
+def expand_specs(specs, registry=None) -> list[str]:
+    """Specs with names given as globs (``'dattri:*'``, ``'*:cg'``) replaced by the registered names they
+    match, sorted (opt-in estimators included: a glob names them); a glob matching nothing is a
+    ``RegistryError``. Other specs pass unchanged, duplicates are dropped."""
+    import fnmatch
+
+    out: list[str] = []
+    for spec in specs:
+        name = spec.split("(", 1)[0].strip()
+        if not any(c in name for c in "*?["):
+            out.append(spec)
+            continue
+        if registry is None:
+            from influence_bench.api.registry import REGISTRY as registry
+        if "(" in spec:
+            raise RegistryError(f"estimator spec {spec!r}: a glob cannot take hyperparameters; name one estimator")
+        matched = [n for n in registry.names() if fnmatch.fnmatchcase(n, name)]
+        if not matched:
+            raise RegistryError(f"no estimator matches {name!r}; `influence-bench list estimators` names them "
+                                "(peer libraries' adapters: pip install -e 'plugins/peers[all]')")
+        out += matched
+    return list(dict.fromkeys(out))
 
 
 def create(spec: str, registry=None) -> Any:

@@ -36,6 +36,12 @@ class Estimator:
     #: ``scoring/isolation.py``); ``--time-limit NAME=SECONDS`` / ``--memory-limit NAME=MB`` override
     time_limit_s: ClassVar[float | None] = None
     memory_limit_mb: ClassVar[float | None] = None
+    #: the method this class implements (``exact``, ``cg``, ``lissa``, ``arnoldi``, ``ekfac``, ``tracin``,
+    #: ``trak``...), so a report can put implementations of one method side by side; "" means its name
+    method: ClassVar[str] = ""
+    #: run only when named (``--estimator 'dattri:*'``), not in the default "every registered estimator"
+    #: of ``pytest suites``, the checks and the benchmarks (peer-library adapters set it)
+    opt_in: ClassVar[bool] = False
 
     def __init__(self) -> None:  # dataclass subclasses generate their own
         pass

@@ -224,6 +224,10 @@ class Registry:
         self.discover()
         return sorted(n for n in self._classes if n not in self._withdrawn)
 
+    def default_names(self) -> list[str]:
+        """What runs when no estimator is named: every registered one but those that are ``opt_in``."""
+        return [n for n in self.names() if not getattr(self._classes[n], "opt_in", False)]
+
     def get(self, name: str) -> type[Estimator]:
         self.discover()
         if name in self._withdrawn:

@@ -56,7 +56,7 @@ def _list(args) -> int:
 
 
 def _score(args) -> int:
-    from influence_bench.api.arguments import create, estimator_label
+    from influence_bench.api.arguments import create, estimator_label, expand_specs
     from influence_bench.cli.bars import ScoreBar
     from influence_bench.data.datasets import DataUnavailable
     from influence_bench.reporting.render import terminal_width
@@ -66,6 +66,7 @@ def _score(args) -> int:
     if args.test_points and args.format != "table":
         raise CommandError(f"--test-points is a second table; with --format {args.format} stdout holds one "
                            "document: use the Python API's influence_bench.score(..., per_test=True)")
+    args.estimator = expand_specs(args.estimator)  # 'dattri:*': the registered names it matches
     labels = [estimator_label(create(spec)) for spec in args.estimator]
     if len(set(labels)) < len(labels):
         raise CommandError(f"an estimator is given twice: {', '.join(labels)}")
@@ -398,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("estimator", nargs="+", metavar="ESTIMATOR",
                     help="a registered name, or NAME(field=value,...) with hyperparameters, e.g. 'lissa(depth=500)' "
-                         "(quote it for the shell); several are scored one after the other")
+                         "(quote it for the shell), or a glob of names ('dattri:*'); several are scored one after the other")
     sc.add_argument("--settings", action="append", default=None, metavar="GLOB",
                     help="setting ids or globs (repeatable); default: all of the tier")
     sc.add_argument("--tier", choices=TIERS, default="smoke")

@@ -147,7 +147,7 @@ CHECKS = [
 def cases(names: list[str] | None = None) -> list[tuple[str, Check]]:
     """(estimator, check) for every registered estimator (or ``names``) and every check that applies."""
     out = []
-    for name in names or REGISTRY.names():
+    for name in names or REGISTRY.default_names():
         cls = REGISTRY.get(name)
         out += [(name, c) for c in CHECKS if c.applies(cls)]
     return out
