@@ -1,0 +1,1 @@
+"""Peer influence libraries as influence-bench plug-ins (see ``common``)."""
