@@ -294,6 +294,12 @@ def _bench(args) -> int:
 
     import numpy as np
 
+    if args.what == "methods":
+        return _bench_methods(args)
+    if len(args.setting) != 1:
+        raise CommandError(f"bench ground-truth takes one setting, got {len(args.setting)}")
+    args.setting = args.setting[0]
+
     from influence_bench.api.loading import get_context
     from influence_bench.data.datasets import DataUnavailable
     from influence_bench.groundtruth.bench import bench_ground_truth, format_bench
@@ -315,6 +321,50 @@ def _bench(args) -> int:
     if r.max_abs_diff > tol:
         print(f"FAIL: batched and sequential retraining disagree by {r.max_abs_diff:.3g} > {tol:.3g}")
         return 1
+    return 0
+
+
+def _bench_methods(args) -> int:
+    import json
+
+    import torch
+
+    from influence_bench.api.arguments import expand_specs
+    from influence_bench.reporting.render import Column, Table, render, terminal_width
+    from influence_bench.scoring.method_bench import DEFAULT_SETTINGS, default_estimators, per_method, time_estimators
+
+    settings = catalog.select(args.setting or list(DEFAULT_SETTINGS), tier=None)
+    if not settings:
+        raise CommandError(f"no setting matches {args.setting}")
+    names = expand_specs(args.estimator) if args.estimator else default_estimators()
+    if not names:
+        raise CommandError("no method has a peer implementation registered; install the peer libraries' adapters: "
+                           "pip install -e 'plugins/peers[all]' (README: peer libraries)")
+    torch.set_num_threads(args.threads)
+    timed = time_estimators(settings, names, args.repeats, args.device,
+                            log=lambda line: print(f"influence-bench: {line}", file=sys.stderr))
+    rows = per_method(timed)
+
+    def sec(v):
+        return "n/a" if v is None else f"{v:.3g}"
+
+    def rho(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    table = Table([Column("method", "method"), Column("ours", "ours"), Column("ours_time_s", "s", "right", sec),
+                   Column("ours_spearman", "Spearman", "right", rho), Column("peer", "fastest peer", flex=True),
+                   Column("peer_time_s", "s", "right", sec), Column("peer_spearman", "Spearman", "right", rho),
+                   Column("ratio", "ours/peer", "right", lambda v: "n/a" if v is None else f"{v:.2f}")],
+                  group_key="setting")
+    for r in rows:
+        note = f"peers that failed: {', '.join(r['failed_peers'])}" if r["failed_peers"] else ""
+        table.rows.append({**r, **({"_note": note} if note else {})})
+    table.notes.append(f"time: fastest of {args.repeats} calls, {args.threads} torch thread(s); Spearman: mean over "
+                       "test points on loo-fixed; ours/peer <= 1: ours at least as fast")
+    print(render(table, "table", terminal_width(False)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "timed": [dict(vars(t), library=t.library)
+                                                                         for t in timed]}, indent=2))
     return 0
 
 
@@ -468,9 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_report.add_parser(sub)
 
-    be = sub.add_parser("bench", help="benchmarks: `bench ground-truth SETTING` (batched engine vs sequential loop)")
-    be.add_argument("what", choices=["ground-truth"])
-    be.add_argument("setting", metavar="SETTING")
+    be = sub.add_parser("bench", help="benchmarks: `bench ground-truth SETTING` (batched engine vs sequential "
+                                      "loop), `bench methods [SETTING ...]` (ours vs the fastest peer library)")
+    be.add_argument("what", choices=["ground-truth", "methods"])
+    be.add_argument("setting", metavar="SETTING", nargs="*",
+                    help="ground-truth: one setting; methods: settings (default: iris-mlp-d2-w16-wd1e-3 "
+                         "mnist5k-logreg-wd1e-3)")
+    be.add_argument("--estimator", action="append", default=[], metavar="NAME",
+                    help="methods: estimators or globs to time (repeatable; default: every method that a peer "
+                         "library implements, ours and the peers')")
+    be.add_argument("--repeats", type=positive_int, default=3, help="methods: calls timed per estimator (fastest "
+                                                                     "counts; default 3)")
+    be.add_argument("--threads", type=positive_int, default=1, help="methods: torch threads (default 1)")
     be.add_argument("--n", type=positive_int, default=None, help="first N removals of the loo-fixed set (default: all)")
     be.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     be.add_argument("--rtol", type=nonnegative_float, default=1e-6,

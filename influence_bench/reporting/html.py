@@ -131,6 +131,29 @@ def table_rows(points: list[Point], verdicts: dict, reasons: dict) -> list[str]:
     return out
 
 
+def method_section(cases: list, verdicts: dict) -> list[str]:
+    """The implementations of each method side by side (``reporting.methods``), fastest first."""
+    from influence_bench.reporting.methods import method_rows
+
+    rows = method_rows(cases, verdicts)
+    head = ["<h2>By method: implementations side by side</h2>"]
+    if not rows:
+        return head + ['<p class="note">No method has more than one implementation in these runs.</p>']
+    heads = "".join(f"<th>{h}</th>" for h in ("method", "setting", "protocol", "estimator", "library", "verdict",
+                                               "Spearman [95% CI]", "ceiling", "time s", "peak MiB"))
+    out = head + [f'<table id="methods"><thead><tr>{heads}</tr></thead><tbody>']
+    for r in rows:
+        score = (f"{r['spearman']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                 if r["status"] == "ok" and None not in (r["spearman"], r["ci_low"], r["ci_high"])
+                 else (f"{r['status']}: {r['message']}" if r["status"] != "ok" else _num(r["spearman"])[1]))
+        cells = [_td(r[k]) for k in ("method", "setting", "protocol", "estimator", "library")]
+        cells += [_td(r["verdict"], cls=f"v-{r['verdict']}"), _td(score, cls="num" if r["status"] == "ok" else "reason")]
+        for v, spec in ((r["ceiling"], ".2f"), (r["time_s"], ".3g"), (r["peak_mb"], ".0f")):
+            cells.append(_td(_num(v, spec)[1], cls="num"))
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return out + ["</tbody></table>"]
+
+
 def setting_panel(setting: str, cases: list, verdicts: dict) -> str:
     c = cases[0]
     info = c.setting_info if isinstance(c.setting_info, dict) else {}
@@ -212,6 +235,7 @@ def write_html(runs: list[Run], out: Path) -> Path:
         f'reason..."></label> <span id="shown">{n_rows}</span> of {n_rows} rows shown; click a header to sort.</p>',
         f'<table id="fidelity"><thead><tr>{heads}</tr></thead><tbody>',
         *table_rows(points, verdicts, reasons), "</tbody></table>",
+        *method_section(cases, verdicts),
         "<h2>Settings</h2>", '<div class="panels">',
         *(setting_panel(s, cs, verdicts) for s, cs in by_setting.items()), "</div>",
         "<h2>Figures</h2>", *figures,

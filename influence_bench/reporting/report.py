@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from influence_bench.reporting import methods
 from influence_bench.reporting.points import FIDELITY, Point, merge_cases, shape_of, sort_key  # noqa: F401
 from influence_bench.reporting.schema import Run
 
@@ -164,6 +165,9 @@ def write_report(runs: list[Run], out: Path) -> Path:
         md += [f"## {title}", ""]
         md += [f"_Not drawn: {why}._", ""] if why else [f"![{title}]({name})", ""]
     md += ["## Fidelity table", "", *fidelity_table(points, verdicts), ""]
+    md += ["## By method: implementations side by side", "",
+           "Each method implemented by more than one estimator in these runs (ours and the peer libraries' "
+           "adapters), fastest first on each setting and protocol.", "", *methods.markdown(cases, verdicts), ""]
     md += ["## Highest- vs median-loss test point", "",
            "The paper's Table 1 view: each score at the highest-loss and at the median-loss test point alone "
            "(n/a: undefined there, or a run file written before these were recorded).", "",

@@ -101,6 +101,10 @@ class Case:
     device: str = "unknown"
     hyperparameters: dict = field(default_factory=dict)
     tags: list = field(default_factory=list)  # what the estimator declares (claims such as "second-order")
+    # the method the estimator implements (``Estimator.method``: ``exact``, ``cg``, ``lissa``...), so one
+    # method's implementations (ours and the peer libraries') are compared side by side; "" in older run
+    # files (``method_of`` then reads the estimator's name)
+    method: str = ""
     # where the estimator's code came from: {"file", "sha256", "class", "package", "version"}
     # (``api/provenance.py``; {} in run files written before it was recorded)
     estimator_source: dict = field(default_factory=dict)

@@ -67,6 +67,7 @@ def evaluate_context(estimator: str | Estimator, ctx: Context, protocols: tuple[
     base = dict(estimator=estimator_label(est), setting=setting.id, setting_version=setting.version,
                 spec_hash=setting.spec_hash, mode=setting.ground_truth.mode,
                 hyperparameters=_jsonable(est.hyperparameters()), tags=sorted(est.tags),
+                method=type(est).method or est.name,
                 estimator_source=estimator_source(type(est)), setting_info=_shape(setting, ctx),
                 device=str(ctx.device))
     try:
