@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("estimator", nargs="+", metavar="ESTIMATOR",
                     help="a registered name, or NAME(field=value,...) with hyperparameters, e.g. 'lissa(depth=500)' "
-                         "(quote it for the shell), or a glob of names ('dattri:*'); several are scored one after the other")
+                         "(quote it for the shell), or a glob of names ('dattri:*'); several are scored one after "
+                         "the other")
     sc.add_argument("--settings", action="append", default=None, metavar="GLOB",
                     help="setting ids or globs (repeatable); default: all of the tier")
     sc.add_argument("--tier", choices=TIERS, default="smoke")

@@ -147,7 +147,8 @@ def method_section(cases: list, verdicts: dict) -> list[str]:
                  if r["status"] == "ok" and None not in (r["spearman"], r["ci_low"], r["ci_high"])
                  else (f"{r['status']}: {r['message']}" if r["status"] != "ok" else _num(r["spearman"])[1]))
         cells = [_td(r[k]) for k in ("method", "setting", "protocol", "estimator", "library")]
-        cells += [_td(r["verdict"], cls=f"v-{r['verdict']}"), _td(score, cls="num" if r["status"] == "ok" else "reason")]
+        cells += [_td(r["verdict"], cls=f"v-{r['verdict']}"),
+                  _td(score, cls="num" if r["status"] == "ok" else "reason")]
         for v, spec in ((r["ceiling"], ".2f"), (r["time_s"], ".3g"), (r["peak_mb"], ".0f")):
             cells.append(_td(_num(v, spec)[1], cls="num"))
         out.append("<tr>" + "".join(cells) + "</tr>")
