@@ -15,7 +15,6 @@ applies, and ``plugins/peers/tests`` check it against ``exact`` on the convex se
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 from importlib import metadata
@@ -55,20 +54,26 @@ def require(library: str, module: str | None = None):
         raise EstimatorError(f"{library} {version} does not import ({type(exc).__name__}: {exc})") from exc
 
 
-@contextlib.contextmanager
-def upstream(library: str, what: str):
-    """Run the library's code: any exception of it becomes an ``EstimatorError`` naming the library, its
-    version, the call and the library's own message (an upstream defect is reported, not hidden)."""
-    try:
-        yield
-    except (EstimatorError, EstimatorUnsupported):
-        raise
-    except Exception as exc:  # noqa: BLE001 - third-party code: whatever it raises is named below
+class upstream:
+    """``with upstream(library, what):`` runs the library's code: any exception of it becomes an
+    ``EstimatorError`` naming the library, its version, the call and the library's own message (an
+    upstream defect is reported, not hidden). A class, not ``contextlib.contextmanager``: that one
+    hands a ``StopIteration`` raised inside the block back unchanged when it is converted."""
+
+    def __init__(self, library: str, what: str) -> None:
+        self.library, self.what = library, what
+
+    def __enter__(self) -> "upstream":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (EstimatorError, EstimatorUnsupported)) or not isinstance(exc, Exception):
+            return False  # ours, or KeyboardInterrupt / SystemExit: pass through
         message = " ".join(str(exc).split())
         if len(message) > 400:
             message = message[:400] + " ..."
-        raise EstimatorError(f"{library} {library_version(library)} failed in {what}: {type(exc).__name__}: "
-                             f"{message}") from exc
+        raise EstimatorError(f"{self.library} {library_version(self.library)} failed in {self.what}: "
+                             f"{type(exc).__name__}: {message}") from exc
 
 
 class PeerEstimator(Estimator):
