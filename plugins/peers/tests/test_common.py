@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from influence_bench_peers import common
 
 from influence_bench.errors import EstimatorError, EstimatorUnsupported
-from influence_bench_peers import common
 
 
 @pytest.mark.parametrize("raised", [StopIteration(), ValueError("bad shape [3, 4]"), RuntimeError("dtype\nmismatch")])
