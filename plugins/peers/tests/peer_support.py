@@ -1,6 +1,7 @@
 """Imported by the adapters' tests (a module of its own: ``conftest`` names tests/conftest.py too):
 contexts of the smoke settings, our built-ins' matrices on them, and ``need(library)``: a test of a
-library that is not installed skips, and fails instead where INFLUENCE_BENCH_REQUIRE_PEERS=1 (CI installs them all: a missing library must not pass as a skip)."""
+library that is not installed skips, and fails instead where INFLUENCE_BENCH_REQUIRE_PEERS=1
+(CI installs them all: a missing library must not pass as a skip)."""
 
 from __future__ import annotations
 
