@@ -22,15 +22,31 @@ Fisher of the *mean* per-sample loss; its ``damping_factor`` is added to every (
 pairwise score is ``g_test^T (F + damping_factor I)^-1 g_train``, positive when the training point helps
 (removing it raises the test loss). Hence ``damping_factor = mean_hessian_damping(ctx, damping)`` (weight
 decay + our damping, as our built-ins ``kfac``/``ekfac`` add it) and ``I = +1 * (1/n_train) * scores``
-(``[n_test, n_train]``, no transpose).
+(``[n_test, n_train]``, no transpose). With no weight decay and no damping the softmax's curvature is
+singular: as our built-ins do, ``damping_factor`` is then 1e-8 times the largest eigenvalue of the fitted
+curvature (``relative_floor_used`` in the diagnostics).
 
-The Fisher: kronfluence's default (``use_empirical_fisher=False``) is the *true* Fisher, whose
-``compute_train_loss(sample=True)`` evaluates the loss at labels sampled from the model's own output
-distribution (the library documents that the task must implement the sampling). Our built-ins take that
-expectation exactly (the GGN); here the labels are sampled with a ``torch.Generator`` seeded by ``seed``
-(deterministic), ``fisher_samples`` Monte-Carlo label draws per training point (the training set is passed
-to ``fit_all_factors`` that many times; the activation factor, an average, is unchanged by the
-repetition). ``fisher="empirical"`` uses the true labels instead (the library's ``use_empirical_fisher``).
+The Fisher (the curvature kronfluence factors; ``fisher``): kronfluence's true Fisher
+(``use_empirical_fisher=False``) calls the task's ``compute_train_loss(sample=True)``, which the library
+leaves to the user ("must be implemented to approximate the true Fisher"), over the dataset given to
+``fit_all_factors``. ``"exact"`` (default) passes the training set ``n_out`` times, pass ``c`` with loss
+``sqrt(n_out p_c) CE(out, c)`` (``p_c`` held constant; squared error: ``sqrt(n_out) 0.5||out - (out - e_c)||^2``),
+so the output-gradient covariance kronfluence accumulates and divides by its example count is the GGN's
+``E_i [diag(p_i) - p_i p_i^T]`` (``I``) exactly, the expectation our ``kfac``/``ekfac`` take (their matrices
+agree to 1e-6); the activation factor, an average, is unchanged by the repetition. ``"sampled"``: labels
+drawn from the model's predictive distribution with a generator seeded by ``seed`` (deterministic),
+``fisher_samples`` passes (the library's usual Monte-Carlo Fisher; 1 draw per point is its examples' usage).
+``"empirical"``: the training labels (``use_empirical_fisher=True``).
+
+Upstream defects (kronfluence 1.0.1) and the documented usage chosen around them (``plain_layers=True``, the
+default, recorded in the diagnostics; ``plain_layers=False`` hands the model over as it is and shows them):
+
+* ``prepare_model`` tests ``isinstance(module, (nn.Linear, nn.Conv2d))`` but looks its wrapper up by
+  ``type(module)``: a subclass (our ``LogisticRegression(nn.Linear)``) fails with ``KeyError: <class
+  '...LogisticRegression'>``. A subclass that keeps the base class's ``forward`` is given the base class.
+* a model that *is* one ``nn.Linear`` gets its wrapper attached to itself (a module cycle): ``Analyzer``
+  fails with ``RecursionError: maximum recursion depth exceeded``. Such a model is put in an
+  ``nn.Sequential`` (the library's documented models hold their layers as children).
 """
 
 from __future__ import annotations
@@ -84,6 +100,16 @@ def _plain_layers(model: torch.nn.Module, diagnostics: dict) -> torch.nn.Module:
     if changed:
         diagnostics["plain_layers"] = "; ".join(changed)
     return model
+
+
+def _top_eigenvalue(factors: dict, strategy: str) -> float:
+    """The largest eigenvalue of kronfluence's fitted curvature (EK-FAC: of the corrected Lambda matrices,
+    K-FAC: products of the factors' eigenvalues), for the relative floor used without any damping."""
+    if strategy == "ekfac":
+        lam, count = factors["lambda_matrix"], factors["num_lambda_processed"]
+        return max(float((lam[m].double() / count[m].double()).max()) for m in lam)
+    a, g = factors["activation_eigenvalues"], factors["gradient_eigenvalues"]
+    return max(float(a[m].double().max() * g[m].double().max()) for m in a)
 
 
 class _RepeatedDataset(torch.utils.data.Dataset):
@@ -190,9 +216,6 @@ class _KronfluenceFactored(PeerEstimator):
             covariance_max_examples=None, lambda_max_examples=None,
             activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
             eigendecomposition_dtype=torch.float64, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
-        score_args = arguments.ScoreArguments(
-            damping_factor=damping_factor, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
-            score_dtype=dtype, query_gradient_svd_dtype=dtype)
 
         kron_logger = logging.getLogger("kronfluence")
         old_level = kron_logger.level
@@ -211,6 +234,15 @@ class _KronfluenceFactored(PeerEstimator):
                     analyzer.fit_all_factors(factors_name=self.strategy, dataset=factor_data,
                                              per_device_batch_size=batch, factor_args=factor_args,
                                              overwrite_output_dir=True)
+                if damping_factor <= 0.0:  # no weight decay, no damping: our kfac/ekfac's relative floor
+                    with upstream("kronfluence", "Analyzer.load_all_factors"):
+                        top = _top_eigenvalue(analyzer.load_all_factors(factors_name=self.strategy), self.strategy)
+                    damping_factor = 1e-8 * max(top, 1e-30)
+                    self.diagnostics.update(damping_factor=damping_factor, relative_floor_used=True,
+                                            top_eigenvalue=top)
+                score_args = arguments.ScoreArguments(
+                    damping_factor=damping_factor, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                    score_dtype=dtype, query_gradient_svd_dtype=dtype)
                 with upstream("kronfluence", "Analyzer.compute_pairwise_scores"):
                     analyzer.compute_pairwise_scores(
                         scores_name="pairwise", factors_name=self.strategy, query_dataset=test_set(ctx),
@@ -240,13 +272,15 @@ class KronfluenceEKFAC(_KronfluenceFactored):
     Hyperparameters:
         damping: added to the weight decay to form kronfluence's ``damping_factor`` (the amount added to
             every corrected eigenvalue), as our ``ekfac``'s damping (default 0: the weight decay alone).
-        fisher: ``"true"`` (kronfluence's default: labels sampled from the model's predictive
-            distribution, a Monte-Carlo estimate of the GGN our ``ekfac`` takes exactly) or ``"empirical"``
-            (the training labels, kronfluence's ``use_empirical_fisher=True``).
-        fisher_samples: label draws per training point for the true Fisher (default 8; 1 is the
-            library's own single pass over the data).
-        seed: seed of the label draws (the adapter is deterministic for a given seed).
+        fisher: ``"exact"`` (default: the GGN expectation taken exactly, as our ``ekfac``; module
+            docstring), ``"sampled"`` (kronfluence's Monte-Carlo true Fisher) or ``"empirical"`` (the
+            training labels, kronfluence's ``use_empirical_fisher=True``).
+        fisher_samples: label draws per training point for ``fisher="sampled"`` (default 1, the library's
+            single pass over the data).
+        seed: seed of the sampled labels (the adapter is deterministic for a given seed).
         batch_size: kronfluence's ``per_device_batch_size`` for factors and training gradients.
+        plain_layers: give kronfluence plain ``nn.Linear``/``nn.Conv2d`` layers inside a container
+            (default ``True``; ``False`` shows the two upstream defects of the module docstring).
     """
 
     name = "kronfluence:ekfac"
@@ -266,7 +300,7 @@ class KronfluenceKFAC(_KronfluenceFactored):
     times ``+1/n_train`` (module docstring).
 
     Hyperparameters: as ``kronfluence:ekfac`` (damping on top of the weight decay, as our ``kfac``'s;
-    fisher, fisher_samples, seed, batch_size).
+    fisher, fisher_samples, seed, batch_size, plain_layers).
     """
 
     name = "kronfluence:kfac"

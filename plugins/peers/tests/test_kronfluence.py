@@ -48,6 +48,20 @@ def test_matches_our_builtin_and_exact(method, setting):
         f"(expected in [{lo}, {hi}])")
 
 
+def test_damping_maps_to_our_damping():
+    """``damping`` is added on top of the weight decay exactly as our ``ekfac``'s (a damping of 0.05 moves
+    the scores far from the undamped ones; kronfluence's must follow)."""
+    need("kronfluence")
+    setting = "iris-logreg-wd1e-3"
+    theirs = run("kronfluence:ekfac(damping=0.05)", setting)
+    reference = ours("ekfac(damping=0.05)", setting)
+    r, slope = agreement(theirs, reference)
+    assert r >= 0.9999 and abs(slope - 1) <= 0.01, f"r={r:.6f} slope={slope:.6f}"
+    r, slope = agreement(reference, ours("ekfac", setting))
+    assert slope < 0.9, f"damping 0.05 should shrink the scores (slope {slope:.4f} against no damping)"
+
+
+@pytest.mark.slow
 def test_sampled_fisher_converges_to_our_kfac():
     """The library's own true Fisher (labels drawn from the model, seeded): 64 draws per point are within
     a few percent of the exact expectation our ``kfac`` takes."""
@@ -56,6 +70,17 @@ def test_sampled_fisher_converges_to_our_kfac():
     theirs = run('kronfluence:kfac(fisher="sampled", fisher_samples=64)', setting)
     r, slope = agreement(theirs, ours("kfac", setting))
     assert r >= 0.998 and abs(slope - 1) <= 0.15, f"r={r:.5f} slope={slope:.4f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_no_weight_decay_uses_our_relative_floor(method):
+    """Weight decay 0, damping 0: the damping_factor is our built-ins' relative floor (1e-8 x the top
+    eigenvalue); measured r = 1.000000, slope = 1.000000 against ours."""
+    need("kronfluence")
+    setting = "iris-mlp-d2-w16-wd0"
+    r, slope = agreement(run(f"kronfluence:{method}", setting), ours(method, setting))
+    assert r >= 0.9999 and abs(slope - 1) <= 0.01, f"r={r:.6f} slope={slope:.6f}"
 
 
 def test_defect_subclass_of_linear_is_a_key_error():
