@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from conftest import agreement, need, ours, run
+from peer_support import agreement, need, ours, run
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars
 
@@ -35,7 +35,7 @@ def test_cg_nan_defect_is_an_error():
     from influence_bench.errors import EstimatorError
 
     with pytest.raises(EstimatorError, match=rf"dattri {version} IFAttributorCG returned \d+ non-finite"):
-        run("dattri:cg(max_iter=1000)", LOGREG)
+        run("dattri:cg(max_iter=200)", LOGREG)
 
 
 @pytest.mark.parametrize("spec,cls", [("dattri:lissa", "IFAttributorLiSSA"), ("dattri:arnoldi", "IFAttributorArnoldi")])
@@ -86,10 +86,12 @@ def test_ekfac_bias_defect_0_3_0():
     assert r < 0.6 and slope > 2, (r, slope)
 
 
-@pytest.mark.slow
-def test_lissa_float32_against_exact():
-    """LiSSA (dtype='float32', scaling 10, depth 2000, batches of 128) on iris-logreg: truncated as our lissa
-    is (measured: r 0.93, slope 0.76 against exact)."""
+def test_lissa_float32_matches_our_lissa_at_the_same_depth_and_scale():
+    """LiSSA (dtype='float32', scaling 10) against our lissa at the same depth and scale on iris-logreg, where
+    one batch of 128 holds all 120 points (both recursions are then deterministic); measured at depth 300:
+    r 1.0, slope 1.0000000 (against exact: r 0.58, slope 0.35, a truncated series; depth 2000, the
+    default: r 0.93, slope 0.76, in 59 s)."""
     need("dattri")
-    r, slope = agreement(run("dattri:lissa(dtype='float32')", LOGREG), ours("exact", LOGREG))
-    assert r >= 0.85 and 0.6 <= slope <= 0.9, (r, slope)
+    theirs = run("dattri:lissa(dtype='float32',recursion_depth=100)", LOGREG)
+    r, slope = agreement(theirs, ours("lissa(depth=100,scale=10.0)", LOGREG))
+    assert r >= 0.999 and abs(slope - 1) <= 0.01, (r, slope)
