@@ -30,8 +30,8 @@ from torch.nn.utils import vector_to_parameters
 from influence_bench import EstimatorError, EstimatorUnsupported, register
 from influence_bench_peers.common import (
     PeerEstimator,
-    library_version,
     as_protocol,
+    library_version,
     loader,
     loss_name,
     mean_hessian_damping,

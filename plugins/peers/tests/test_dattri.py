@@ -7,7 +7,6 @@ import os
 import warnings
 
 import pytest
-
 from peer_support import agreement, need, ours, run
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars
