@@ -32,21 +32,14 @@ def test_registered_as_opt_in_peers():
 
 
 # ---- exact-type: NaiveInfluenceFunction -----------------------------------------------------------------
+# Not on mnist5k-logreg-wd1e-3: with 7,850 parameters captum forms the Hessian by 7,850 backward passes and
+# eigendecomposes it with the general (non-symmetric) torch.linalg.eig; one call ran past 200 s on one core
+# (our ``exact``: 15 s), beyond this file's budget even as a slow test.
 @pytest.mark.parametrize("setting", [LOGREG])
 def test_naive_if_is_exact_on_convex(setting):
     need("captum")
     r, slope = agreement(run("captum:naive-if", setting), ours("exact", setting))
     assert r >= 0.99 and abs(slope - 1) <= 0.05, (r, slope)  # measured r = 1.00000, slope = 1.00000
-
-
-@pytest.mark.slow
-def test_naive_if_is_exact_on_mnist_logreg():
-    """7,850 parameters: captum forms the Hessian with 7,850 backward passes and eigendecomposes it with the
-    general (non-symmetric) ``torch.linalg.eig``: minutes on one core (see the report), hence slow."""
-    need("captum")
-    setting = "mnist5k-logreg-wd1e-3"
-    r, slope = agreement(run("captum:naive-if", setting), ours("exact", setting))
-    assert r >= 0.99 and abs(slope - 1) <= 0.05, (r, slope)
 
 
 # ---- Arnoldi --------------------------------------------------------------------------------------------
@@ -60,15 +53,17 @@ def test_arnoldi_on_convex_is_exact_and_ours():
 
 
 def test_arnoldi_on_mlp_matches_our_arnoldi():
-    """403 parameters, 200 iterations, top 100 eigenpairs, as our ``arnoldi``: the same truncated influence
-    (measured r = 1.00000, slope = 1.00000 against ours); against ``exact`` both miss the small-eigenvalue
-    directions (measured r = 0.904, slope = 0.699)."""
+    """403 parameters, 100 iterations, top 50 eigenpairs for both (half the defaults, to fit this file's time
+    budget: captum's Gram-Schmidt over tuples of tensors costs ~8 s at the defaults, ours < 1 s): the same
+    truncated influence (measured r = 1.00000, slope = 1.00000; at the defaults too). Against ``exact`` both
+    miss the small-eigenvalue directions (measured r = 0.797, slope = 0.590; 0.904, 0.699 at the defaults)."""
     need("captum")
-    theirs = run("captum:arnoldi", MLP)
-    r, slope = agreement(theirs, ours("arnoldi", MLP))
+    spec = "arnoldi(n_iters=100, top_p=50)"
+    theirs = run("captum:" + spec, MLP)
+    r, slope = agreement(theirs, ours(spec, MLP))
     assert r >= 0.99 and abs(slope - 1) <= 0.05, (r, slope)
     r, slope = agreement(theirs, ours("exact", MLP))
-    assert r >= 0.8 and 0.55 <= slope <= 0.85, (r, slope)
+    assert r >= 0.7 and 0.45 <= slope <= 0.75, (r, slope)
 
 
 # ---- TracIn -------------------------------------------------------------------------------------------
