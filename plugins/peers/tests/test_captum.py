@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from peer_support import agreement, context, need, ours, run
 
-from conftest import agreement, context, need, ours, run
 from influence_bench.errors import EstimatorError
 
 LOGREG = "iris-logreg-wd1e-3"

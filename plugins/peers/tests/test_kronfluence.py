@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 import torch
+from peer_support import agreement, need, ours, run
 
-from conftest import agreement, need, ours, run
 from influence_bench.errors import EstimatorError, EstimatorUnsupported
 
 SETTINGS = ["iris-logreg-wd1e-3", "iris-mlp-d2-w16-wd1e-3"]
