@@ -38,7 +38,7 @@ Upstream defects of pyDVL 0.10.0 met here (reported, not hidden):
 Randomness: LiSSA draws its batches and Nyström its sketch from torch's *global* generator (pyDVL has no seed
 argument); the adapters run them under ``torch.random.fork_rng()`` seeded with their ``seed`` field, so a run
 is reproducible and the caller's global generator is left as it was. ARPACK (Arnoldi) starts from its own
-random vector.
+random vector (not reachable through pyDVL 0.10.0); two calls in one process gave identical results.
 """
 
 from __future__ import annotations
@@ -321,6 +321,12 @@ class PydvlEkfac(_Pydvl):
     + damping (``mean_hessian_damping``), as our ``ekfac``'s ``G + (weight_decay + damping) I``; pyDVL's loss is
     fixed to ``torch.nn.functional.cross_entropy`` (mean), so ``as_protocol(sign=+1, scale=1/n)`` as the others.
 
+    pyDVL's output-side factor accumulates, per sample, the outer product of the gradient of
+    ``sum_c sqrt(p_c) log p_c`` (its "empirical cross entropy"), not the expected Fisher/GGN
+    ``diag(p) - p p^T`` our ``ekfac`` uses. Measured against our ``ekfac``: iris-mlp r 0.985 / slope 1.05,
+    mnist5k-logreg r 0.994 / slope 1.16, iris-logreg r 0.64 / slope 1.35 (3 classes, one layer: the
+    difference weighs most there).
+
     Hyperparameters:
         damping          added to the weight decay on every eigenvalue (default 0, as ``ekfac``).
         update_diagonal  refit the eigenvalues (default True: EK-FAC, our ``ekfac``; False: K-FAC).
@@ -369,6 +375,12 @@ class PydvlNystroem(_Pydvl):
 
     Conversion as ``pydvl:direct``: r = regularization = weight_decay + damping (must be > 0: the complement of
     the sketch is divided by it), ``as_protocol(sign=+1, scale=1/n)``.
+
+    The complement term ``(I - U U^T) / r`` treats every direction outside the sketch as an eigenvalue ``r``:
+    where the rank is far below the number of parameters the scale is far above ``exact``'s (mnist5k-logreg,
+    rank 100 of 7850: slope 13.6 on ``exact``, r 0.50), which is the method, not the conversion (on
+    iris-logreg-wd1e-3 it is exact: slope 1.0000). On an indefinite Hessian (iris-mlp) pyDVL logs "Encountered
+    error in cholesky decomposition ... Increasing shift by smallest eigenvalue and re-compute" and goes on.
 
     Hyperparameters:
         damping     added to the Hessian (default 0).
