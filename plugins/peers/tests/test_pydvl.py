@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from peer_support import agreement, context, need, ours, run
 
-from conftest import agreement, context, need, ours, run
 from influence_bench.errors import EstimatorError, EstimatorUnsupported
 
 LOGREG = "iris-logreg-wd1e-3"
