@@ -68,6 +68,7 @@ from influence_bench import Estimator, EstimatorError, register
 from influence_bench.curvature import products as C
 
 CURVATURES = ("hessian", "ggn")
+EXPLICIT_MAX_PARAMS = 4096  # full batches: products by the explicit curvature up to this many parameters
 
 
 class _Diverged(Exception):
@@ -179,13 +180,23 @@ class LiSSA(Estimator):
                                                    dtype=ctx.dtype, device=ctx.device)[0])
 
         if batches == 0:
-            return top(ctx.curvature_operator(self.curvature)) + self.damping
+            return top(self._full_operator(ctx)) + self.damping
         lams = []
         for _ in range(batches):
             idx = torch.randperm(ctx.n_train, generator=gen)[:self.batch_size].to(ctx.x_train.device)
             lams.append(top(C.CurvatureOperator(ctx.fm, ctx.theta, ctx.x_train[idx], ctx.y_train[idx],
                                                 ctx.weight_decay, self.curvature)))
         return max(lams) + self.damping
+
+    def _full_operator(self, ctx):
+        """``V [k, P] -> V A_full`` for the full-batch curvature: by the explicit matrix (formed once with
+        ``n_params`` products, shared through the context) where that costs fewer products than the
+        recursion (``depth`` steps per scale tried; counted as two), e.g. the Iris MLPs, else by
+        batched Hessian-vector products. The same products up to rounding (a test checks)."""
+        if ctx.n_params <= min(2 * self.depth, EXPLICIT_MAX_PARAMS):
+            M = ctx.hessian() if self.curvature == "hessian" else ctx.ggn()
+            return lambda V: V @ M
+        return ctx.curvature_operator(self.curvature)
 
     def _run_all(self, ctx, scale: float, repeats: int, full: bool) -> torch.Tensor:
         V = ctx.test_grads()
@@ -209,7 +220,7 @@ class LiSSA(Estimator):
         x, y = ctx.x_train, ctx.y_train
         thetas = theta.expand(repeats, theta.numel())
         if full:
-            full_op = ctx.curvature_operator(self.curvature)
+            full_op = self._full_operator(ctx)
         gen = torch.Generator().manual_seed(self.seed)  # same batches for every chunk of test points
         Vr = V.expand(repeats, *V.shape)  # [r, k, P]
         vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)  # [k]

@@ -260,6 +260,24 @@ def test_lissa_full_batch_matches_exact(exact_logreg):
     assert est.diagnostics["full_batch"] and est.diagnostics["repeats_run"] == 1
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_lissa_full_batch_products_by_the_explicit_matrix_equal_hessian_vector_products(monkeypatch, curvature):
+    """Full batches on a small model multiply by the explicit curvature instead of one Hessian-vector product
+    a step (8x faster on this MLP): the same recursion, equal to rounding, scale search included."""
+    import sys
+
+    lissa = sys.modules[type(REGISTRY.create("lissa")).__module__]
+    ctx = ctx_of(MLP)
+    with monkeypatch.context() as m:  # the explicit route takes no Hessian-vector product at all
+        m.setattr(type(ctx), "curvature_operator", lambda *a, **k: pytest.fail("a Hessian-vector product"))
+        fast, est = run("lissa", ctx, depth=100, curvature=curvature)
+    assert est.diagnostics["full_batch"]
+    monkeypatch.setattr(lissa, "EXPLICIT_MAX_PARAMS", 0)
+    slow, est_slow = run("lissa", ctx, depth=100, curvature=curvature)
+    assert est.diagnostics["scale"] == est_slow.diagnostics["scale"]
+    assert rel_err(fast, slow) < 1e-12
+
+
 def test_lissa_minibatch_matches_exact_loosely(exact_logreg):
     """Mini-batches of 32 of 120, 4 repeats, depth 800: a noisy estimate. Stated tolerance: 15%
     relative error (Frobenius) and Spearman > 0.9 for every test point (measured over seeds 1-3:
