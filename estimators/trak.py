@@ -60,6 +60,20 @@ def p_true(fm, theta, x, y) -> torch.Tensor:
         return torch.softmax(fm(theta, x), dim=-1).gather(-1, y[:, None])[:, 0]
 
 
+DIRECT_KERNEL = True  # proj_dim >= P with a ridge: the unprojected kernel by Cholesky (False: always eigh)
+
+
+def _ridge_kernel(Gt: torch.Tensor, G: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``Gt (G^T G + ridge I)^-1 G^T`` ``[n_test, n]`` for ``ridge > 0``: by the ``[n, n]`` system
+    ``(Gt G^T)(G G^T + ridge I)^-1`` when there are fewer samples than parameters, else the ``[P, P]`` one."""
+    n, P = G.shape
+    if n <= P:
+        L = torch.linalg.cholesky(G @ G.T + ridge * torch.eye(n, dtype=G.dtype, device=G.device))
+        return torch.cholesky_solve(G @ Gt.T, L).T
+    L = torch.linalg.cholesky(G.T @ G + ridge * torch.eye(P, dtype=G.dtype, device=G.device))
+    return Gt @ torch.cholesky_solve(G.T, L)
+
+
 @register
 @dataclass
 class TRAK(Estimator):
@@ -89,12 +103,22 @@ class TRAK(Estimator):
                 raise ValueError(f"last must be >= 1, got {self.last}")
             ckpts = ckpts[-self.last:]
         ridge = ctx.n_train * ctx.weight_decay if self.ridge is None else float(self.ridge)
-        Proj = self.projection(ctx)
-        reg = ridge * (Proj.T @ Proj) if ridge > 0 else 0.0  # the ridge, projected: same for every checkpoint
+        # proj_dim >= P with a ridge: the projection changes nothing (see the module docstring), so the kernel
+        # is solved unprojected, in the smaller of the n- and P-dimensional forms (Cholesky, not an
+        # eigendecomposition of proj_dim^2: 9-10x faster on the Iris settings, equal to 1e-11)
+        direct = DIRECT_KERNEL and self.proj_dim >= ctx.n_params and ridge > 0
+        Proj = None if direct else self.projection(ctx)
+        reg = ridge * (Proj.T @ Proj) if ridge > 0 and not direct else 0.0  # the ridge, projected
         tau = torch.zeros(ctx.n_test, ctx.n_train, dtype=ctx.dtype, device=ctx.device)
         Q = torch.zeros(ctx.n_train, dtype=ctx.dtype, device=ctx.device)
         ranks = []
         for theta, _ in ckpts:
+            if direct:
+                tau += _ridge_kernel(margin_grads(ctx.fm, theta, ctx.x_test, ctx.y_test),
+                                     margin_grads(ctx.fm, theta, ctx.x_train, ctx.y_train), ridge)
+                ranks.append(ctx.n_params)  # (G^T G + ridge I)^-1: full rank
+                Q += 1.0 - p_true(ctx.fm, theta, ctx.x_train, ctx.y_train)
+                continue
             phi = margin_grads(ctx.fm, theta, ctx.x_train, ctx.y_train) @ Proj  # [n, k]
             phi_t = margin_grads(ctx.fm, theta, ctx.x_test, ctx.y_test) @ Proj  # [n_test, k]
             M = phi.T @ phi + reg
@@ -108,5 +132,5 @@ class TRAK(Estimator):
         tau, Q = tau / m, Q / m
         out_to_loss = 1.0 - p_true(ctx.fm, ctx.theta, ctx.x_test, ctx.y_test)
         self.diagnostics.update({"n_checkpoints": m, "ridge": ridge, "kernel_rank": ranks,
-                                 "projected": self.proj_dim < ctx.n_params})
+                                 "projected": self.proj_dim < ctx.n_params, "kernel": "direct" if direct else "eigh"})
         return out_to_loss[:, None] * tau * Q[None, :]

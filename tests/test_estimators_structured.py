@@ -439,13 +439,20 @@ def unprojected_trak(ctx: Context, ridge: float) -> np.ndarray:
     return ((1 - pt)[:, None] * (torch.linalg.solve(K, Ft.T).T @ F.T) * (1 - p)[None, :]).numpy()
 
 
+@pytest.mark.parametrize("kernel", ["direct", "eigh"])
 @pytest.mark.parametrize("which", ["iris_logreg", "small_mlp"])
-def test_trak_with_full_projection_and_one_checkpoint_is_the_unprojected_formula(which, request):
+def test_trak_with_full_projection_and_one_checkpoint_is_the_unprojected_formula(which, kernel, request, monkeypatch):
+    """Both kernels: the unprojected Cholesky solve (proj_dim >= P with a ridge, the default there) and
+    the projected eigendecomposition it replaces."""
+    import sys
+
     ctx = request.getfixturevalue(which)
+    monkeypatch.setattr(sys.modules[type(REGISTRY.create("trak")).__module__], "DIRECT_KERNEL", kernel == "direct")
     ridge = ctx.n_train * ctx.weight_decay
     want = unprojected_trak(ctx, ridge)
     got, est = run("trak", ctx, proj_dim=ctx.n_params + 20, last=1)
     assert est.diagnostics["kernel_rank"] == [ctx.n_params] and not est.diagnostics["projected"]
+    assert est.diagnostics["kernel"] == kernel
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
     # a projection smaller than the parameter count is an approximation, not the formula
     small, _ = run("trak", ctx, proj_dim=max(2, ctx.n_params // 3), last=1)

@@ -340,8 +340,14 @@ def _bench_methods(args) -> int:
     if not names:
         raise CommandError("no method has a peer implementation registered; install the peer libraries' adapters: "
                            "pip install -e 'plugins/peers[all]' (README: peer libraries)")
+    from influence_bench.scoring.isolation import Limits
+
+    try:
+        limits = Limits.parse(args.time_limit)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     torch.set_num_threads(args.threads)
-    timed = time_estimators(settings, names, args.repeats, args.device,
+    timed = time_estimators(settings, names, args.repeats, args.device, limits=limits,
                             log=lambda line: print(f"influence-bench: {line}", file=sys.stderr))
     rows = per_method(timed)
 
@@ -531,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=positive_int, default=3, help="methods: calls timed per estimator (fastest "
                                                                      "counts; default 3)")
     be.add_argument("--threads", type=positive_int, default=1, help="methods: torch threads (default 1)")
+    be.add_argument("--time-limit", action="append", default=[], metavar="[NAME=]SECONDS",
+                    help="methods: stop a call past this (repeatable; the case is then an error naming the limit)")
     be.add_argument("--n", type=positive_int, default=None, help="first N removals of the loo-fixed set (default: all)")
     be.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     be.add_argument("--rtol", type=nonnegative_float, default=1e-6,

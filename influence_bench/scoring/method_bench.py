@@ -48,9 +48,10 @@ def default_estimators(registry=None) -> list[str]:
                   for n in names)
 
 
-def time_estimators(settings, estimators: list[str], repeats: int = 3, device: str = "cpu",
+def time_estimators(settings, estimators: list[str], repeats: int = 3, device: str = "cpu", limits=None,
                     log=lambda line: None) -> list[Timed]:
-    """Score each estimator on each setting (``loo-fixed``) and time ``repeats`` calls of it."""
+    """Score each estimator on each setting (``loo-fixed``) and time ``repeats`` calls of it (each under
+    ``limits``, ``scoring.isolation.Limits``)."""
     from influence_bench.api.arguments import create
     from influence_bench.api.loading import get_context
     from influence_bench.scoring.runner import evaluate_context, run_estimator
@@ -61,14 +62,14 @@ def time_estimators(settings, estimators: list[str], repeats: int = 3, device: s
         for name in estimators:
             est = create(name)
             method = type(est).method or est.name
-            cases = [c for c in evaluate_context(est, ctx, protocols=("loo-fixed",)) if c.metric == "spearman"]
-            case = cases[0]
+            case = next(c for c in evaluate_context(est, ctx, protocols=("loo-fixed",), limits=limits)
+                        if c.metric == "spearman")
             t = Timed(setting.id, name, method, case.status, message=(case.message.splitlines() or [""])[0])
             if case.status == "ok":
                 t.spearman, t.peak_mb = case.value, case.peak_memory_mb
                 t.times_s.append(float(case.wall_time_s))
                 for _ in range(max(0, repeats - 1)):
-                    _, m = run_estimator(create(name), ctx.fresh())
+                    _, m = run_estimator(create(name), ctx.fresh(), limits)
                     t.times_s.append(m.seconds)
             log(f"{setting.id} {name}: {t.status}" + (f" {t.time_s:.3g} s, Spearman {t.spearman:.3f}"
                                                       if t.status == "ok" and t.spearman is not None else ""))

@@ -62,11 +62,24 @@ class upstream:
 
     def __init__(self, library: str, what: str) -> None:
         self.library, self.what = library, what
+        self._tqdm_init = None
 
     def __enter__(self) -> "upstream":
+        try:  # the libraries' progress bars (dattri's, pyDVL's) would fill the harness's terminal
+            import functools
+
+            import tqdm
+        except ImportError:
+            return self
+        self._tqdm_init = tqdm.tqdm.__init__
+        tqdm.tqdm.__init__ = functools.partialmethod(self._tqdm_init, disable=True)
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
+        if self._tqdm_init is not None:
+            import tqdm
+
+            tqdm.tqdm.__init__, self._tqdm_init = self._tqdm_init, None
         if exc is None or isinstance(exc, (EstimatorError, EstimatorUnsupported)) or not isinstance(exc, Exception):
             return False  # ours, or KeyboardInterrupt / SystemExit: pass through
         message = " ".join(str(exc).split())

@@ -90,3 +90,15 @@ def test_as_protocol_signs_scales_and_transposes():
     raw = torch.arange(6, dtype=torch.float32).reshape(3, 2)
     out = common.as_protocol(raw, ctx, sign=-1.0, scale=0.5, transpose=True)
     assert out.dtype == torch.float64 and out.shape == (2, 3) and torch.equal(out, -0.5 * raw.T.double())
+
+
+def test_a_librarys_progress_bars_are_quiet_inside_upstream_and_back_after():
+    import io
+
+    from tqdm import tqdm
+
+    inside, after = io.StringIO(), io.StringIO()
+    with common.upstream("dattri", "X.y"):
+        list(tqdm(range(3), file=inside))
+    list(tqdm(range(3), file=after))
+    assert inside.getvalue() == "" and "3/3" in after.getvalue()
