@@ -114,3 +114,19 @@ def minibatch_setting(mode="warm", retrain="sgd", replicates=2, optimizer="sgd")
     return Setting(id=f"test-minibatch-{mode}", tier="smoke", data=DataSpec("iris", 96, 24),
                    model=ModelSpec("mlp", depth=1, width=8), train=train, ground_truth=gt,
                    protocol=ProtocolSpec(default=("loo-fixed",)))
+
+
+def context_as_tests_see_it(setting):
+    """The setting's context under the environment every test of tests/ runs in (conftest: no shipped
+    ground truth, so theta* is trained into the session's cache). A module-scoped fixture is built before
+    that per-test setting applies; built without it, it would hold the *shipped* theta*, which matches a
+    retrained one bit for bit only on the kind of CPU that wrote it (an AVX-512 machine's ATen kernels
+    give 5e-15 apart on iris-logreg), and the ground truth the test then computes is stored under
+    another theta's key."""
+    import pytest
+
+    from influence_bench.api.loading import get_context
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFLUENCE_BENCH_SHIPPED_GT", "")
+        return get_context(setting)

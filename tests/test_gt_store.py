@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import context_as_tests_see_it
 
 from influence_bench.api.loading import get_context
 from influence_bench.groundtruth import CorruptGroundTruthWarning, GroundTruthStore, build, store_key
@@ -21,7 +22,7 @@ SCRIPT = ROOT / "tests" / "gt_builder_script.py"
 
 @pytest.fixture(scope="module")
 def ctx():
-    return get_context(catalog.get_setting("iris-logreg-wd1e-3"))
+    return context_as_tests_see_it(catalog.get_setting("iris-logreg-wd1e-3"))
 
 
 def _run(args, **kw):

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from helpers import scipy_logreg_test_losses
+from helpers import context_as_tests_see_it, scipy_logreg_test_losses
 
-from influence_bench.api.loading import get_context
 from influence_bench.groundtruth import GroundTruthStore, lds, lds_ground_truth, store_key
 from influence_bench.groundtruth.compute import compute_lds
 from influence_bench.scoring.runner import evaluate
@@ -15,7 +14,7 @@ IRIS = catalog.get_setting("iris-logreg-wd1e-3")
 
 @pytest.fixture(scope="module")
 def ctx():
-    return get_context(IRIS)
+    return context_as_tests_see_it(IRIS)
 
 
 def test_subsets_are_seeded_halves_independent_of_chunking():

@@ -36,11 +36,12 @@ def _list(args) -> int:
     if args.what == "estimators":
         from influence_bench.api.registry import REGISTRY
 
-        table = Table([Column("name", "estimator"), Column("tags", "tags"), Column("about", "what it is", flex=True)],
+        table = Table([Column("name", "estimator"), Column("tags", "tags", flex=True),
+                       Column("about", "what it is", flex=True)],
                       fields=["name", "tags", "about", "status"])
         for name in REGISTRY.names():
             cls = REGISTRY.get(name)
-            table.rows.append({"name": name, "tags": ",".join(sorted(cls.tags)) or "-", "about": estimator_summary(cls),
+            table.rows.append({"name": name, "tags": ", ".join(sorted(cls.tags)) or "-", "about": estimator_summary(cls),
                                "status": "loaded"})
         for failure in REGISTRY.failures:  # the others are listed; each broken plug-in is one row
             table.rows.append({"name": failure.name, "tags": "NOT LOADED", "about": str(failure),

@@ -23,7 +23,7 @@ def test_registered_as_opt_in_peers():
     from influence_bench.api.registry import REGISTRY
 
     methods = {"captum:naive-if": "exact", "captum:arnoldi": "arnoldi", "captum:tracincp": "tracin",
-               "captum:tracincp-fast": "tracin"}
+               "captum:tracincp-fast": "tracin-final-weight"}
     for name, method in methods.items():
         cls = REGISTRY.get(name)
         assert (cls.library, cls.method, cls.opt_in) == ("captum", method, True)
