@@ -192,6 +192,20 @@ class DattriCG(PeerEstimator):
         return as_protocol(S, ctx, sign=1.0, scale=1.0 / ctx.n_train, transpose=True)
 
 
+def _float32_capable_task(est, ctx):
+    """(dattri's influence_function module, θ* in a module, its task) for an estimator with a ``dtype``
+    field: "context" keeps the context's dtype, "float32" runs a float32 copy (dattri 0.3.0's LiSSA and
+    Arnoldi work in float32 only)."""
+    if est.dtype not in ("context", "float32"):
+        raise ValueError(f"{est.name}: dtype must be 'context' or 'float32', got {est.dtype!r}")
+    mod = require("dattri", "dattri.algorithm.influence_function")
+    est.record_library()
+    module = module_at_theta(ctx)
+    if est.dtype == "float32":
+        module = module.float()
+    return mod, module, _task(ctx, module)
+
+
 @register
 @dataclass
 class DattriLiSSA(PeerEstimator):
@@ -229,25 +243,15 @@ class DattriLiSSA(PeerEstimator):
     dtype: str = "context"
 
     def influence(self, ctx):
-        if self.dtype not in ("context", "float32"):
-            raise ValueError(f"dattri:lissa: dtype must be 'context' or 'float32', got {self.dtype!r}")
-        mod = require("dattri", "dattri.algorithm.influence_function")
-        self.record_library()
-        module = module_at_theta(ctx)
-        if self.dtype == "float32":
-            module = module.float()
-        task = _task(ctx, module)
+        mod, module, task = _float32_capable_task(self, ctx)
         d = mean_hessian_damping(ctx, self.damping) / self.scaling
         with upstream("dattri", "IFAttributorLiSSA.__init__"):
             att = mod.IFAttributorLiSSA(task=task, device=_device(ctx), batch_size=min(self.batch_size, ctx.n_train),
                                         num_repeat=self.num_repeat, recursion_depth=self.recursion_depth,
                                         damping=d, scaling=self.scaling)
-        gen_state = torch.random.get_rng_state()
-        try:
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # dattri samples the batches from the global generator
             S = _if_scores(ctx, att, "IFAttributorLiSSA", dtype=torch.float32 if self.dtype == "float32" else None)
-        finally:
-            torch.random.set_rng_state(gen_state)
         self.diagnostics.update({"dattri_damping": d, "model_dtype": str(next(module.parameters()).dtype)})
         return as_protocol(S, ctx, sign=1.0, scale=1.0 / ctx.n_train, transpose=True)
 
@@ -286,23 +290,13 @@ class DattriArnoldi(PeerEstimator):
     dtype: str = "context"
 
     def influence(self, ctx):
-        if self.dtype not in ("context", "float32"):
-            raise ValueError(f"dattri:arnoldi: dtype must be 'context' or 'float32', got {self.dtype!r}")
-        mod = require("dattri", "dattri.algorithm.influence_function")
-        self.record_library()
-        module = module_at_theta(ctx)
-        if self.dtype == "float32":
-            module = module.float()
-        task = _task(ctx, module)
+        mod, module, task = _float32_capable_task(self, ctx)
         reg = mean_hessian_damping(ctx, self.damping)
         with upstream("dattri", "IFAttributorArnoldi.__init__"):
             att = mod.IFAttributorArnoldi(task=task, device=_device(ctx), proj_dim=min(self.proj_dim, ctx.n_params),
                                           max_iter=self.max_iter, regularization=reg, seed=self.seed)
-        gen_state = torch.random.get_rng_state()
-        try:  # dattri seeds the global generator (torch.manual_seed) for its start vector
+        with torch.random.fork_rng(devices=[]):  # dattri seeds the global generator for its start vector
             S = _if_scores(ctx, att, "IFAttributorArnoldi", dtype=torch.float32 if self.dtype == "float32" else None)
-        finally:
-            torch.random.set_rng_state(gen_state)
         self.diagnostics["regularization"] = reg
         return as_protocol(S, ctx, sign=1.0, scale=1.0 / ctx.n_train, transpose=True)
 
