@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.curvature import mlp as mlp_fastpath
 from influence_bench.curvature import products as curvature
 from influence_bench.models.flat import FlatModel
 
@@ -100,6 +101,8 @@ def weighted_objective(fm: FlatModel, thetas, weights, x, y, weight_decay: float
     """``[B]`` objectives J(theta_b; w_b)."""
     if linear_fastpath.applies(fm):
         return linear_fastpath.objective(fm, thetas, weights, x, y, weight_decay)
+    if mlp_fastpath.applies(fm):
+        return mlp_fastpath.objective(fm, thetas, weights, x, y, weight_decay)
     return vmap(lambda t, w: curvature.objective(fm, t, x, y, weight_decay, w))(thetas, weights)
 
 
@@ -107,6 +110,8 @@ def weighted_grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) ->
     """``[B, P]`` gradients of J(theta_b; w_b), all models in one vectorised call."""
     if linear_fastpath.applies(fm):
         return linear_fastpath.grads(fm, thetas, weights, x, y, weight_decay)
+    if mlp_fastpath.applies(fm):
+        return mlp_fastpath.grads(fm, thetas, weights, x, y, weight_decay)
     g = grad(lambda t, w: curvature.objective(fm, t, x, y, weight_decay, w))
     return vmap(g)(thetas, weights)
 
@@ -115,6 +120,8 @@ def weighted_hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float)
     """``[B, P]`` Hessian-vector products of J(theta_b; w_b) with v_b (forward-over-reverse, vmapped)."""
     if linear_fastpath.applies(fm):
         return linear_fastpath.hvps(fm, thetas, weights, vs, x, y, weight_decay)
+    if mlp_fastpath.applies(fm):
+        return mlp_fastpath.hvps(fm, thetas, weights, vs, x, y, weight_decay)
 
     def one(t, w, v):
         g = grad(lambda s: curvature.objective(fm, s, x, y, weight_decay, w))
@@ -291,7 +298,12 @@ def newton_cg_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Ten
                          damping: float = 0.0, cg_iters: int = 30, cg_rtol: float = 1e-10,
                          grad_rtol: float = 0.0, adaptive: bool = False) -> NewtonResult:
     """The same iteration one model at a time with plain ``torch.autograd`` (double backward):
-    the independent reference that the vmapped engine is tested against."""
+    the independent reference that the vmapped engine is tested against (its objective values too
+    come from the generic module call, never from ``curvature.linear`` / ``curvature.mlp``)."""
+
+    def value(t, w):
+        return torch.stack([curvature.objective(fm, tb, x, y, weight_decay, wb) for tb, wb in zip(t, w)])
+
     thetas, norms, steps, tols = [], [], [], []
     for w in weights:
         theta = theta0.clone()
@@ -311,10 +323,9 @@ def newton_cg_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Ten
             rtol = torch.clamp(g.detach().norm().sqrt(), max=0.1).clamp_min(cg_rtol)[None]
             s = _pcg(matvec, g.detach()[None], precond.solve, cg_iters, rtol)
             if adaptive:
-                step, lam, nu = _lm_step(lambda t, w: weighted_objective(fm, t, w, x, y, weight_decay),
-                                         theta[None], w[None], s, g.detach()[None], lam, nu)
+                step, lam, nu = _lm_step(value, theta[None], w[None], s, g.detach()[None], lam, nu)
             else:
-                step = _armijo(fm, theta[None], w[None], s, g.detach()[None], x, y, weight_decay)
+                step = _armijo(fm, theta[None], w[None], s, g.detach()[None], x, y, weight_decay, value=value)
             theta = theta - step[0] * s[0]
             k += 1
         thetas.append(theta.detach())

@@ -22,6 +22,7 @@ import torch
 from torch.func import hessian, vmap
 
 from influence_bench.curvature import linear as linear_fastpath
+from influence_bench.curvature import mlp as mlp_fastpath
 from influence_bench.curvature import products as curvature
 from influence_bench.models.flat import FlatModel
 from influence_bench.training.newton import (
@@ -67,12 +68,29 @@ def weighted_hessians(fm: FlatModel, thetas, weights, x, y, weight_decay: float)
     B, P = thetas.shape
     if linear_fastpath.applies(fm):
         return _softmax_linear_hessians(fm, thetas, weights, x, weight_decay)
+    if mlp_fastpath.applies(fm):
+        return _mlp_hessians(fm, thetas, weights, x, y, weight_decay)
     chunk = max(1, FORM_ELEMENTS // max(1, P * x.shape[0]))
 
     def one(t, w):
         return hessian(lambda s: curvature.objective(fm, s, x, y, weight_decay, w))(t)
 
     H = torch.cat([vmap(one)(thetas[i:i + chunk], weights[i:i + chunk]) for i in range(0, B, chunk)])
+    return 0.5 * (H + H.transpose(1, 2))
+
+
+def _mlp_hessians(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Tensor:
+    """Tanh MLPs: the ``P`` columns of each model's Hessian as ``P`` exact Hessian-vector products
+    of ``curvature.mlp`` (one batched call per chunk of models, ``FORM_ELEMENTS`` x 64 floats of
+    hidden activations per chunk), symmetrised."""
+    B, P = thetas.shape
+    width = max(s[0] for s in fm.shapes[::2])
+    chunk = max(1, (64 * FORM_ELEMENTS) // max(1, P * x.shape[0] * width))
+    eye = torch.eye(P, dtype=thetas.dtype, device=thetas.device)
+    H = torch.cat([mlp_fastpath.hvps(fm, thetas[i:i + chunk].repeat_interleave(P, 0),
+                                     weights[i:i + chunk].repeat_interleave(P, 0),
+                                     eye.repeat(min(chunk, B - i), 1), x, y, weight_decay).reshape(-1, P, P)
+                   for i in range(0, B, chunk)])
     return 0.5 * (H + H.transpose(1, 2))
 
 
