@@ -64,3 +64,46 @@ def test_bench_minibatch_recipe_times_vmap_against_torch_optim():
     assert r.n_models == 6 and r.vmap_s == r.batched_s and r.engine_choice == "vmap"
     assert r.max_abs_diff <= 1e-9 * max(r.max_abs_delta, 1e-12) + 1e-12
     assert "engine default" in format_bench(r)
+
+
+def test_a_path_that_runs_out_of_steps_fails_the_bench_and_is_left_out_of_agreement(monkeypatch, capsys):
+    """A batched path that stops every model short of the stopping rule (here: one step allowed)
+    cannot pass on agreement computed over nothing: it fails, naming the path and the count."""
+    from influence_bench.training import newton_explicit
+
+    real = newton_explicit.newton_explicit_batched
+
+    def starved(fm, theta0, weights, x, y, wd, precond, max_steps, *a, **kw):
+        return real(fm, theta0, weights, x, y, wd, precond, 1, *a, **kw)
+
+    monkeypatch.setattr(newton_explicit, "newton_explicit_batched", starved)
+    assert main(["bench", "ground-truth", "iris-logreg-wd1e-3", "--n", "6"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: explicit Hessian: 6 of 6 models ran out of steps that converged in the sequential loop" in out
+    assert "FAIL: explicit Hessian: no model converged" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("explicit Hessian"))
+    assert row.split()[-1] == "6"  # the unconv column
+
+
+def test_problems_reads_the_lost_share():
+    from influence_bench.groundtruth.bench import LOST_SHARE, GroundTruthBench, PathTiming, problems
+
+    def bench(lost):
+        p = PathTiming("batched", 1.0, 2.0, 1.0, 1.0, 0.01, 0.0, True, not_converged=lost + 3, lost=lost)
+        s = PathTiming("sequential loop", 2.0, 1.0, 1.0, 0.5, 0.005, 0.0, False, not_converged=3)
+        return GroundTruthBench("s", 101, 1.0, 2.0, 2.0, 0.0, 1.0, 1.0, 1.0, 100.0, paths=[p, s])
+
+    assert problems(bench(int(LOST_SHARE * 100)), 1e-6) == []
+    assert problems(bench(int(LOST_SHARE * 100) + 1), 1e-6) == [
+        "batched: 6 of 100 models ran out of steps that converged in the sequential loop (more than 5%)"]
+
+
+def test_the_default_agreement_tolerance_follows_the_settings_dtype(monkeypatch, capsys):
+    """1e-6 of the largest |delta| for float64 settings, 1e-4 for float32 ones; --rtol overrides."""
+    from influence_bench.groundtruth import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "problems", lambda r, rtol: seen.append(rtol) or [])
+    assert main(["bench", "ground-truth", "iris-logreg-wd1e-3", "--n", "2"]) == 0
+    assert main(["bench", "ground-truth", "iris-logreg-wd1e-3", "--n", "2", "--rtol", "1e-9"]) == 0
+    assert seen == [1e-6, 1e-9]

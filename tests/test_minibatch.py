@@ -99,6 +99,36 @@ def test_convolutions_give_the_same_models_batched_and_sequential():
     assert mb.prefer_sequential(fm, torch.device("cpu"))
 
 
+def test_models_trained_side_by_side_in_threads_are_bitwise_the_ones_trained_one_after_another(monkeypatch):
+    """The engine's CPU path for convolutions trains one model per core (``model_workers``), each on its
+    own copy of the module: the same bits as one model after another, in order, with any number of
+    workers; and ``train`` takes that path with the machine's core count."""
+    from influence_bench.models.cnn import AllConvCNN
+    from influence_bench.training.fit import reproducible_threads
+
+    fm = FlatModel(AllConvCNN(1, 3, width=2))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 1, 28, 28, generator=g)
+    y = torch.arange(24) % 3
+    w = torch.ones(5, 24)
+    w[torch.arange(1, 5), torch.tensor([0, 5, 9, 23])] = 0
+    theta0 = fm.flat() + 0.01 * torch.randn(5, fm.n_params, generator=g)  # a start per model
+    r = mb.Recipe("adam", 0.01, 8, 9)
+    with reproducible_threads(True):
+        one = mb.train_sequential(fm, theta0, w, x, y, 1e-3, r, 3)
+        for workers in (2, 3, 8):
+            torch.testing.assert_close(mb.train_sequential(fm, theta0, w, x, y, 1e-3, r, 3, workers=workers), one,
+                                       rtol=0, atol=0)
+        assert not torch.equal(one[0], one[1])  # the rows differ: a mix-up between threads would show
+        seen = []
+        real = mb._in_threads
+        monkeypatch.setattr(mb, "model_workers", lambda device: 2)
+        monkeypatch.setattr(mb, "_in_threads", lambda *a: seen.append(a[3]) or real(*a))
+        torch.testing.assert_close(mb.train(fm, theta0, w, x, y, 1e-3, r, 3), one, rtol=0, atol=0)
+    assert seen == [2]
+    assert mb.model_workers(torch.device("cpu")) >= 1
+
+
 def test_warm_minibatch_ground_truth_replicates_and_ceiling(tmp_path):
     ctx = build_context(_setting(), _blobs(96, 24), use_cache=False)
     assert engine.stochastic(ctx) and engine.n_replicates(ctx) == 2
