@@ -146,9 +146,6 @@ def _gate_options(config: pytest.Config):
     except GateSpecError as exc:
         raise pytest.UsageError(str(exc)) from None
     path = config.getoption("--baseline")
-    if path is not None and (config.getoption("dist", "no") != "no" or config.getoption("numprocesses", None)):
-        raise pytest.UsageError("--baseline does not work under pytest-xdist yet (the cases are collected per "
-                                "worker); run the gated session without -n")
     if path is None:
         if gates:
             raise pytest.UsageError("--gate needs --baseline FILE")
@@ -256,10 +253,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The run file records the fidelity cases selected after ``-k``/``-m`` deselection, so the gate can
-    fail a baseline case that was selected but produced no result (not on an xdist worker, which
-    collects everything but runs a share)."""
+    fail a baseline case that was selected but produced no result. Under pytest-xdist every worker
+    collects every test (and runs a share): the controller merges their selections (``pytest_testnodedown``)."""
     bench = session.config.stash.get(_KEY, None)
-    if bench is None or hasattr(session.config, "workerinput"):
+    if bench is None:
         return
     for item in session.items:
         fc = getattr(item, "callspec", None) and item.callspec.params.get("fidelity_case")
@@ -280,16 +277,45 @@ def _results_dir(config: pytest.Config) -> Path:
     return Path(out) if out else Path(config.rootpath) / "results"
 
 
+_WORKER_OUTPUT = "influence_bench"  # config.workeroutput key of a pytest-xdist worker's part
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist: a worker hands its fidelity cases, selection, violations and work to the controller
+    (``config.workeroutput``, sent as it shuts down; ``pytest_sessionfinish``), which merges them into
+    its own session; the controller alone writes the run file and applies the gate, as one serial
+    session would. A worker that crashed hands nothing: its cases are missing, which the gate fails."""
+    from influence_bench.reporting.schema import RunFileError
+
+    exported = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
+    bench = node.config.stash.get(_KEY, None)
+    if bench is None or exported is None:
+        return
+    try:
+        bench.scoring.merge(exported, f"pytest-xdist worker {node.gateway.id}")
+    except RunFileError as exc:
+        bench.gate_error = str(exc)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    """Write the run file and apply the regression gate (runs before the terminal summary)."""
+    """Write the run file and apply the regression gate (runs before the terminal summary). An
+    xdist worker hands its part to the controller instead (``pytest_testnodedown``)."""
     bench = session.config.stash.get(_KEY, None)
+    if bench is not None and hasattr(session.config, "workeroutput"):
+        if bench._scoring is not None:
+            session.config.workeroutput[_WORKER_OUTPUT] = bench.scoring.export()
+            if bench.scoring.journal is not None:  # the controller journals the cases it merges
+                bench.scoring.journal.unlink(missing_ok=True)
+                bench.scoring.journal = None
+        return
     if bench is not None and not bench.cases and bench.baseline is not None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a gate that compared nothing must not pass
         return
     if bench is None or not bench.cases:
         return
     scoring = bench.scoring
-    if scoring.shipped_violations:
+    if scoring.shipped_violations or bench.gate_error:  # gate_error here: a worker's part did not load
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     config = session.config
     stopped = exitstatus == pytest.ExitCode.INTERRUPTED

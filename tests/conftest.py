@@ -1,13 +1,23 @@
 """Unit tests of the library: small, fast, CPU. Caches go to a per-session temp dir;
 the shipped ground truth of the checkout is not read."""
 
+import os
+
 import pytest
+from faults.tally import pytest_runtest_logreport, pytest_runtest_makereport, pytest_terminal_summary  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
+    """Per session; the pytest-xdist workers of one run share one (its build locks keep two workers
+    from training or retraining the same models), as the tests of one serial session do."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("INFLUENCE_BENCH_CACHE", str(tmp_path_factory.mktemp("ib-cache")))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "ib-cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("ib-cache")
+    mp.setenv("INFLUENCE_BENCH_CACHE", str(cache))
     yield
     mp.undo()
 

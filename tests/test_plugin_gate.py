@@ -131,3 +131,60 @@ def test_scoring_session_records_its_selection_and_why_a_selected_case_did_not_r
     res = compare_runs(run, baseline, [parse_gate("spearman:-0.05")])
     assert [f.detail for f in res.regressions] == [
         "selected but no result (baseline 0.8): data unavailable: no MNIST under $INFLUENCE_BENCH_DATA"]
+
+
+def test_the_gate_under_pytest_xdist_merges_the_workers_into_one_run(tmp_path):
+    """``-n 2 --baseline``: the controller merges both workers' cases and selections into one run file
+    and gates it as a serial session would: a pass passes; a case skipped now and one selected with no
+    result (whichever worker ran them) both fail the session."""
+    import pytest
+
+    from influence_bench.spec.catalog import get_setting
+
+    pytest.importorskip("xdist")
+    cases = []
+    for sid in ("iris-mlp-d1-w16-wd1e-3", "iris-mlp-d2-w16-wd1e-3"):
+        s = get_setting(sid)
+        cases.append(Case("exact", sid, s.version, s.spec_hash, "loo-fixed", "warm", "spearman", value=0.9, n_test=10))
+    base = str(write_run(tmp_path / "base.json", cases))
+    ok = _fidelity(tmp_path, {}, "-n", "2", "--baseline", base)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "gate passed (2 within tolerance or noise)" in ok.stdout and "2 passed" in ok.stdout
+    (run,) = (tmp_path / "results" / "runs").glob("run-*.*")  # one run file, no worker journals left
+    doc = json.loads(run.read_text())
+    assert sorted(c["setting"] for c in doc["cases"]) == ["iris-mlp-d1-w16-wd1e-3", "iris-mlp-d2-w16-wd1e-3"]
+    assert sorted(e["setting"] for e in doc["selected"]) == ["iris-mlp-d1-w16-wd1e-3", "iris-mlp-d2-w16-wd1e-3"]
+    bad = _fidelity(tmp_path, {"IB_iris_mlp_d1_w16_wd1e_3": "skipped", "IB_iris_mlp_d2_w16_wd1e_3": "missing"},
+                    "-n", "2", "--baseline", base)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "GATE FAILED: 2 regression(s)" in bad.stdout
+    assert "iris-mlp-d1-w16-wd1e-3 / loo-fixed / warm / spearman: did not run: skipped now (baseline 0.9)" in bad.stdout
+    assert "iris-mlp-d2-w16-wd1e-3 / loo-fixed / warm / spearman: selected but no result (baseline 0.9)" in bad.stdout
+
+
+def test_a_worker_part_is_merged_once_per_selection_and_keeps_why_it_did_not_run():
+    from influence_bench.scoring.session import ScoringSession
+    from influence_bench.spec.catalog import get_setting
+
+    iris, mnist = get_setting("iris-logreg-wd1e-3"), get_setting("mnist5k-logreg-wd1e-3")
+    workers = [ScoringSession(), ScoringSession()]
+    for w in workers:  # every worker collects every test
+        w.select("exact", iris)
+        w.select("exact", mnist)
+    workers[0].cases.append(Case("exact", iris.id, iris.version, iris.spec_hash, "loo-fixed", "warm", "spearman",
+                                 value=0.9, n_test=10))
+    workers[1].not_run("exact", mnist, "data unavailable: no MNIST")
+    controller = ScoringSession()
+    for i, w in enumerate(workers):
+        controller.merge(w.export(), f"gw{i}")
+    assert [c.setting for c in controller.cases] == [iris.id]
+    assert [(e["setting"], e.get("not_run")) for e in controller.selected] == [
+        (iris.id, None), (mnist.id, "data unavailable: no MNIST")]
+    broken = json.loads(workers[0].export())
+    broken["cases"][0]["value"] = "high"
+    import pytest
+
+    from influence_bench.reporting.schema import RunFileError
+
+    with pytest.raises(RunFileError, match="gw7"):
+        controller.merge(json.dumps(broken), "pytest-xdist worker gw7")

@@ -4,6 +4,7 @@ front-ends over it, so the two give the same verdicts, the same table and the sa
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ from influence_bench.reporting.runfiles import (
     start_journal,
     write_run,
 )
-from influence_bench.reporting.schema import Case
+from influence_bench.reporting.schema import Case, case_from_json
 from influence_bench.reporting.table import fidelity_table, rank_footers
 from influence_bench.scoring.isolation import Limits
 from influence_bench.scoring.runner import evaluate
@@ -44,6 +45,7 @@ class ScoringSession:
         self.selected: list[dict] = []  # what the front-end set out to score (the run file's ``selected``)
         self.journal: Path | None = None  # run-*.jsonl: every finished case, appended as it finishes
         self.resumed: list[Case] = []  # cases carried over from the run given to ``begin(resume=...)``
+        self.elsewhere: Counter = Counter()  # work of the whole sessions of merged pytest-xdist workers
 
     def begin(self, results_dir: Path, extra: dict | None = None, resume: Path | None = None) -> Path:
         """Before any compute: check that ``results_dir/runs`` is writable, choose the run file (a new
@@ -101,6 +103,38 @@ class ScoringSession:
             self.shipped_violations.append(violation)
         return cases, violation
 
+    def export(self) -> str:
+        """Everything a pytest-xdist worker hands the controller (``merge``), as JSON: its cases, what it
+        selected, its shipped-setting violations, the work of its cases and of its whole session."""
+        def pairs(c: Counter) -> list:
+            return [[w, s, n] for (w, s), n in c.items()]
+
+        return json.dumps({"cases": [c.to_json() for c in self.cases], "selected": self.selected,
+                           "shipped_violations": self.shipped_violations, "work": pairs(self.work),
+                           "whole": pairs(tally.since(self.start))}, allow_nan=False)
+
+    def merge(self, exported: str, where: str) -> None:
+        """Add a worker's ``export`` to this session (the controller's, which writes the one run file and
+        applies the gate): its cases (journalled at once), its selection (one entry per estimator and
+        setting: every worker collects every test, the one that ran it knows why it did not run), its
+        violations and its work. Raises ``RunFileError`` naming ``where`` for a case that does not load."""
+        part = json.loads(exported)
+        cases = [case_from_json(d, f"{where}, case {i}") for i, d in enumerate(part["cases"])]
+        self.cases += cases
+        if self.journal is not None:
+            append_journal(self.journal, cases)
+        have = {(e["estimator"], e["setting"], e["mode"]): e for e in self.selected}
+        for e in part["selected"]:
+            key = (e["estimator"], e["setting"], e["mode"])
+            if key not in have:
+                have[key] = dict(e)
+                self.selected.append(have[key])
+            elif "not_run" in e:
+                have[key]["not_run"] = e["not_run"]
+        self.shipped_violations += part["shipped_violations"]
+        self.work.update({(w, s): n for w, s, n in part["work"]})
+        self.elsewhere.update({(w, s): n for w, s, n in part["whole"]})
+
     def judge(self, cases: list[Case] | None = None, known: list[str] | None = None, reasons: dict | None = None
               ) -> tuple[dict, list[str]]:
         """(verdict per case key, failure lines) of ``cases`` (default: every case so far); ``reasons``
@@ -141,7 +175,7 @@ class ScoringSession:
 
     def work_summary(self) -> str:
         """One line: what the evaluated cases trained and computed, and the whole process beside it."""
-        fid, whole = self.work, tally.since(self.start)
+        fid, whole = self.work, tally.since(self.start) + self.elsewhere
         return (f"influence-bench: fidelity cases trained {tally.total(fid, tally.TRAINED)} models and computed "
                 f"{tally.total(fid, tally.COMPUTED)} ground-truth entries (whole session, unit tests included: "
                 f"{tally.total(whole, tally.TRAINED)} models trained, {tally.total(whole, tally.COMPUTED)} entries "

@@ -69,8 +69,8 @@ def test_two_concurrent_scorers_on_one_empty_cache_agree(tmp_path, monkeypatch):
 
 @pytest.mark.fault("concurrency", "handled")
 def test_pytest_n_2_gives_the_serial_verdicts_and_cases(tmp_path):
-    """The same fidelity slice under pytest-xdist (two workers, each writing its own run file) and
-    serially: the same verdict for every test and bitwise the same cases."""
+    """The same fidelity slice under pytest-xdist (two workers, whose cases the controller merges into
+    one run file) and serially: the same verdict for every test and bitwise the same cases."""
     pytest.importorskip("xdist")
     root = Path(__file__).resolve().parents[2]
     k = "exact-iris-logreg-wd1e-3 or tracin-iris-logreg-wd1e-3"  # one test per worker
