@@ -61,7 +61,7 @@ def test_bench_minibatch_recipe_times_vmap_against_torch_optim():
 
     ctx = build_context(minibatch_setting(), blobs(96, 24), use_cache=False)
     r = bench_ground_truth(ctx, np.arange(5))
-    assert r.n_models == 6 and r.vmap_s == r.batched_s and r.engine_choice == "vmap"
+    assert r.n_models == 6 and r.vmap_s == r.batched_s and r.engine_choice == "batched (vmap)"
     assert r.max_abs_diff <= 1e-9 * max(r.max_abs_delta, 1e-12) + 1e-12
     assert "engine default" in format_bench(r)
 

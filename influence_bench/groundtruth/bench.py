@@ -56,7 +56,7 @@ class GroundTruthBench:
     batched_gflop: float
     batched_gflops: float  # achieved by the batched engine
     matmul_gflops: float  # a large matmul in the setting's dtype on the same device, same run
-    engine_choice: str = "vmap"  # what the engine runs by default for this setting here
+    engine_choice: str = "vmap"  # what the engine runs by default for this setting here (a path's name)
     vmap_s: float | None = None  # minibatch recipes: vmap forced, where the engine prefers one at a time
     n_params: int = 0
     paths: list = field(default_factory=list)  # PathTiming per timed path, the sequential loop last
@@ -100,6 +100,11 @@ def _best(fn, repeats: int = 3, budget_s: float = 2.0):
     return out, best
 
 
+# minibatch.train_batched: all models in one step (closed-form gradients where curvature.linear /
+# curvature.mlp apply, vmap otherwise)
+BATCHED = "batched (vmap)"
+
+
 def _paths(ctx) -> tuple[list[tuple[str, object]], str]:
     """(label, ``batched`` argument) of every path to time, the sequential loop last; and the label
     of the engine's default."""
@@ -107,8 +112,8 @@ def _paths(ctx) -> tuple[list[tuple[str, object]], str]:
     if engine.stochastic(ctx):
         if minibatch.prefer_sequential(ctx.fm, ctx.device):  # convolutions on CPU: one model per core
             threads = (f"{minibatch.model_workers(ctx.device)} models at once", True)
-            return [threads, ("vmap", "vmap"), seq], threads[0]
-        return [("vmap", "vmap"), seq], "vmap"
+            return [threads, (BATCHED, "vmap"), seq], threads[0]
+        return [(BATCHED, "vmap"), seq], BATCHED
     if engine.recipe_for(ctx).name != "warm-newton":
         return [("batched engine", True), seq], "batched engine"
     cg = ("Newton-CG batched", "cg")
@@ -163,7 +168,7 @@ def bench_ground_truth(ctx, removed: np.ndarray) -> GroundTruthBench:
         speedup=main.speedup, max_abs_diff=max(p.max_abs_diff for p in timings),
         max_abs_delta=float(np.abs(ref.delta).max()) if len(removed) else 0.0,
         batched_gflop=main.gflop, batched_gflops=main.gflops, matmul_gflops=mm, engine_choice=default,
-        vmap_s=next(p.seconds for p in timings if p.name == "vmap") if stochastic else None, n_params=ctx.n_params,
+        vmap_s=next(p.seconds for p in timings if p.name == BATCHED) if stochastic else None, n_params=ctx.n_params,
         paths=timings)
 
 
