@@ -234,3 +234,35 @@ def test_modes_have_their_own_store_keys_and_pbrf_needs_no_control(tmp_path):
     with pytest.raises(ValueError, match="unknown ground-truth mode 'exactish'"):
         s.with_mode("exactish")
     assert s.with_mode("pbrf").training_hash == s.training_hash  # one trained model for every mode
+
+
+def test_a_model_that_fails_in_its_thread_stops_the_others_and_raises_its_error(monkeypatch):
+    """One failing model (or Ctrl-C in the caller) ends the side-by-side training at the other threads'
+    next step, and its error reaches the caller: no thread trains on in the background."""
+    import threading
+
+    from influence_bench.models.cnn import AllConvCNN
+    from influence_bench.training.fit import reproducible_threads
+
+    fm = FlatModel(AllConvCNN(1, 3, width=2))
+    x = torch.randn(24, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(24) % 3
+    w = torch.ones(4, 24)
+    w[1, 7] = 0  # the failing model
+    r = mb.Recipe("sgd", 0.01, 8, 300)
+    calls, lock, real = [0], threading.Lock(), mb._batch_objective
+
+    def failing(model, p, xb, yb, wb, *a):
+        with lock:
+            calls[0] += 1
+        if len(wb) and wb.sum() < len(wb) and calls[0] > 40:  # the model without a point, after a while
+            raise RuntimeError("model 1 diverged")
+        return real(model, p, xb, yb, wb, *a)
+
+    monkeypatch.setattr(mb, "_batch_objective", failing)
+    with reproducible_threads(True), pytest.raises(RuntimeError, match="model 1 diverged"):
+        mb.train_sequential(fm, fm.flat(), w, x, y, 1e-3, r, 0, workers=2)
+    done = calls[0]
+    assert done < 300  # stopped long before the 1200 steps of the four models (model 0 alone takes 300)
+    assert threading.active_count() == 1 or all(not t.name.startswith("ThreadPoolExecutor")
+                                                for t in threading.enumerate())

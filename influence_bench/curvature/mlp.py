@@ -78,18 +78,14 @@ def _dloss(loss: str, out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor):
     return (out - y.reshape(out.shape[1:])) * scale[:, :, None], None
 
 
-def _backward(layers, acts, e):
-    """Per-layer gradients ``(gW, gb)`` and the backpropagated signals ``delta_l`` (d/d z_l, last first)."""
-    grads, deltas, d = [], [], e
+def _backward(layers, acts, e) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer gradients ``(gW, gb)``, backpropagating ``e`` = d objective / d output."""
+    grads, d = [], e
     for i in range(len(layers) - 1, -1, -1):
-        W, _ = layers[i]
-        a = acts[i]
-        gW = d.transpose(1, 2) @ a if a.dim() == 3 else torch.matmul(d.transpose(1, 2), a)
-        grads.append((gW, d.sum(1)))
-        deltas.append(d)
+        grads.append((torch.matmul(d.transpose(1, 2), acts[i]), d.sum(1)))
         if i:
-            d = (d @ W) * (1 - acts[i] ** 2)
-    return grads[::-1], deltas[::-1]
+            d = (d @ layers[i][0]) * (1 - acts[i] ** 2)
+    return grads[::-1]
 
 
 def objective(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Tensor:
@@ -103,8 +99,7 @@ def grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Te
     layers = _layers(fm, thetas)
     acts, out = _forward(layers, x)
     e, _ = _dloss(fm.loss, out, y, weights / x.shape[0])
-    g, _ = _backward(layers, acts, e)
-    return _flat(g) + weight_decay * thetas
+    return _flat(_backward(layers, acts, e)) + weight_decay * thetas
 
 
 def hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float) -> torch.Tensor:

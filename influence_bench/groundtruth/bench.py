@@ -5,10 +5,10 @@ All retrain the same leave-one-out models (plus the control) from theta*. For wa
 paths are the explicit batched Hessians (``newton_explicit``, where the model is small enough),
 vmapped Newton-CG (``newton_cg_batched``) and the sequential loop ``newton_cg_sequential`` (one
 model at a time, same stopping rule, damping and preconditioner); for minibatch recipes the
-vmapped ``minibatch.train_batched`` (and, for convolutions on CPU, the engine's default: one model
+batched ``minibatch.train_batched`` (and, for convolutions on CPU, the engine's default: one model
 per core, ``minibatch.model_workers``) against ``minibatch.train_sequential`` (torch.optim, same
-batches, one model at a time). For each path the command prints its wall time, its ratio against the sequential loop,
-its achieved GFLOP/s (``_count_gflop``) and that as a fraction of a large matmul's GFLOP/s measured
+batches, one model at a time). For each path the command prints its wall time, its ratio against
+the sequential loop, its achieved GFLOP/s (``_count_gflop``) and that as a fraction of a large matmul's GFLOP/s measured
 in the same run, and its largest disagreement with the sequential loop over the models that reached
 the stopping rule on both (a model that ran out of steps stops wherever its last step left it, so
 two paths legitimately differ there: they are counted, per path, instead). Timings are noisy on
@@ -57,7 +57,7 @@ class GroundTruthBench:
     batched_gflops: float  # achieved by the batched engine
     matmul_gflops: float  # a large matmul in the setting's dtype on the same device, same run
     engine_choice: str = "vmap"  # what the engine runs by default for this setting here (a path's name)
-    vmap_s: float | None = None  # minibatch recipes: vmap forced, where the engine prefers one at a time
+    vmap_s: float | None = None  # minibatch recipes: the batched path (train_batched), whatever the default
     n_params: int = 0
     paths: list = field(default_factory=list)  # PathTiming per timed path, the sequential loop last
 

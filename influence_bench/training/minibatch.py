@@ -151,7 +151,7 @@ def train_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor,
         raise ValueError("train_sequential reports steps for a single model only")
     order = data_order(x.shape[0], recipe.batch_size, recipe.steps, seed).to(x.device)
 
-    def one(model: FlatModel, b: int) -> torch.Tensor:
+    def one(model: FlatModel, b: int, stop: threading.Event | None = None) -> torch.Tensor:
         start = theta0 if theta0.dim() == 1 else theta0[b]
         w = weights[b]
         p = start.detach().clone().requires_grad_(True)
@@ -160,6 +160,8 @@ def train_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor,
         else:
             opt = torch.optim.Adam([p], lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
         for t, idx in enumerate(order, start=1):
+            if stop is not None and stop.is_set():
+                raise _Stopped
             opt.zero_grad()
             _batch_objective(model, p, x[idx], y[idx], w[idx], weight_decay, recipe.batch_size).backward()
             opt.step()
@@ -180,17 +182,31 @@ def _in_threads(fm: FlatModel, one, B: int, workers: int) -> list[torch.Tensor]:
     on a CPU with one intra-op thread each (``fit.reproducible_threads``, as ground truth runs) the
     models train side by side on separate cores. ``functional_call`` swaps a module's parameters
     while it runs, so every thread works on its own copy of the module."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    local = threading.local()
+    local, stop = threading.local(), threading.Event()
 
     def run(b: int) -> torch.Tensor:
         if not hasattr(local, "fm"):
             local.fm = FlatModel(copy.deepcopy(fm.module), fm.loss)
-        return one(local.fm, b)
+        return one(local.fm, b, stop)
 
-    with ThreadPoolExecutor(min(workers, B)) as pool:
-        return list(pool.map(run, range(B)))
+    pool = ThreadPoolExecutor(min(workers, B))
+    futures = [pool.submit(run, b) for b in range(B)]
+    try:
+        for f in as_completed(futures):
+            if f.exception() is not None:  # the first model that failed: its error is the caller's
+                raise f.exception()
+        return [f.result() for f in futures]
+    except BaseException:  # that error, Ctrl-C, SIGTERM: the other threads stop at their next step
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """A worker thread stopped because another thread, or the caller, failed (never escapes)."""
 
 
 def model_workers(device: torch.device) -> int:
