@@ -46,7 +46,7 @@ def test_batched_equals_torch_optim_one_model_at_a_time(small, recipe):
 
 @pytest.mark.parametrize("model", ["mlp", "logreg"])
 def test_closed_form_gradients_take_the_steps_vmap_takes(model, monkeypatch):
-    """Tanh MLPs and softmax-linear models step on the hand-written batched gradients (``_closed_form``),
+    """Tanh MLPs and softmax-linear models step on the hand-written batched gradients (``closed_form``),
     the same models as vmap's to rounding; other models keep vmap."""
     from influence_bench.curvature import linear
     from influence_bench.curvature import mlp as mlp_fast
@@ -54,17 +54,17 @@ def test_closed_form_gradients_take_the_steps_vmap_takes(model, monkeypatch):
 
     torch.manual_seed(0)
     fm = FlatModel(mlp(4, 3, 2, 8).double() if model == "mlp" else LogisticRegression(4, 3).double())
-    assert mb._closed_form(fm) is (mlp_fast if model == "mlp" else linear)
+    assert mb.closed_form(fm) is (mlp_fast if model == "mlp" else linear)
     ds = _blobs(64, 16)
     w = torch.ones(3, 64, dtype=torch.float64)
     w[1, 3] = w[2, 40] = 0
     r = mb.Recipe("sgd", 0.05, 16, 40, momentum=0.9)
     fast = mb.train_batched(fm, fm.flat(), w, ds.x_train, ds.y_train, 1e-3, r, seed=2)
-    monkeypatch.setattr(mb, "_closed_form", lambda fm: None)
+    monkeypatch.setattr(mb, "closed_form", lambda fm: None)
     slow = mb.train_batched(fm, fm.flat(), w, ds.x_train, ds.y_train, 1e-3, r, seed=2)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     assert not torch.equal(fast[0], fast[1])
-    assert mb._closed_form(FlatModel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+    assert mb.closed_form(FlatModel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
                                                          torch.nn.Linear(8, 3)).double())) is None
 
 

@@ -28,6 +28,7 @@ import torch
 from influence_bench.api.context import Context
 from influence_bench.groundtruth import pbrf
 from influence_bench.groundtruth.common import initial_theta, preconditioner
+from influence_bench.spec.settings import Setting
 from influence_bench.training import fit as training
 from influence_bench.training import minibatch, newton_explicit
 from influence_bench.training.newton import NewtonResult, newton_cg_batched, newton_cg_sequential
@@ -57,13 +58,22 @@ NOISE_CEILING = 1.0
 CEILING_METHOD = "deterministic"
 
 
+def minibatch_spec(setting: Setting, n_train: int) -> minibatch.Recipe:
+    """The minibatch recipe that retrains ``setting``'s ground truth: the setting's own minibatch
+    training again (scratch), or the ground-truth spec's steps (warm)."""
+    gt = setting.ground_truth
+    if gt.mode == "scratch":
+        return training.minibatch_recipe(setting, n_train)
+    return minibatch.Recipe(gt.retrain, gt.lr, gt.batch_size, gt.steps, gt.momentum)
+
+
 def minibatch_recipe(ctx: Context) -> tuple[minibatch.Recipe, torch.Tensor, int]:
     """(recipe, start point, base data-order seed) of minibatch retraining."""
     s = ctx.setting
-    gt = s.ground_truth
-    if gt.mode == "scratch":
-        return training.minibatch_recipe(s, ctx.n_train), initial_theta(ctx), s.train.seed
-    return (minibatch.Recipe(gt.retrain, gt.lr, gt.batch_size, gt.steps, gt.momentum), ctx.theta, gt.seed)
+    recipe = minibatch_spec(s, ctx.n_train)
+    if s.ground_truth.mode == "scratch":
+        return recipe, initial_theta(ctx), s.train.seed
+    return recipe, ctx.theta, s.ground_truth.seed
 
 
 def _minibatch(ctx: Context, weights: torch.Tensor, max_steps: int, downdate=None, batched=True,

@@ -15,13 +15,14 @@ from the setting's seeded initialisation. CUDA-synchronised on CUDA; runs on CPU
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from influence_bench.data.datasets import Dataset, load
 from influence_bench.groundtruth.bench import matmul_gflops
+from influence_bench.groundtruth.recipes import minibatch_spec
 from influence_bench.models.flat import FlatModel
 from influence_bench.spec.settings import Setting
 from influence_bench.training import fit as training
@@ -64,14 +65,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _recipe(setting: Setting, n_train: int) -> tuple[minibatch.Recipe, int]:
+def _recipe(setting: Setting, n_train: int) -> minibatch.Recipe:
     gt = setting.ground_truth
-    if gt.mode == "scratch":
-        return training.minibatch_recipe(setting, n_train), gt.replicates
-    if not gt.minibatch:
+    if gt.mode != "scratch" and not gt.minibatch:
         raise ValueError(f"setting {setting.id!r}: its ground truth is retrained by {gt.retrain!r}, not by the "
                          "minibatch engine; throughput measures minibatch settings (e.g. mnist5k-cnn-wd1e-3)")
-    return minibatch.Recipe(gt.retrain, gt.lr, gt.batch_size, gt.steps, gt.momentum), gt.replicates
+    return minibatch_spec(setting, n_train)
 
 
 def measure(setting: Setting, device: str = "cuda", steps: int = 3, max_chunk: int = 1024, topk: int = 40,
@@ -81,10 +80,10 @@ def measure(setting: Setting, device: str = "cuda", steps: int = 3, max_chunk: i
     dtype = training.DTYPES[setting.train.dtype]
     ds = (data if data is not None else load(setting.data)).to(dev, dtype)
     x, y = ds.x_train, ds.y_train
-    recipe, replicates = _recipe(setting, x.shape[0])
+    recipe, replicates = _recipe(setting, x.shape[0]), setting.ground_truth.replicates
     fm = FlatModel(training.initial_module(setting, ds, dtype, dev))
     theta0 = fm.flat()
-    short = minibatch.Recipe(recipe.optimizer, recipe.lr, recipe.batch_size, steps, recipe.momentum)
+    short = replace(recipe, steps=steps)
     wd = setting.train.weight_decay
 
     def run(B: int) -> None:
@@ -92,9 +91,9 @@ def measure(setting: Setting, device: str = "cuda", steps: int = 3, max_chunk: i
         w[torch.arange(B, device=dev), torch.arange(B, device=dev) % x.shape[0]] = 0.0
         minibatch.train_batched(fm, theta0, w, x, y, wd, short, setting.ground_truth.seed)
 
-    one = minibatch.Recipe(recipe.optimizer, recipe.lr, recipe.batch_size, 1, recipe.momentum)
     with FlopCounterMode(display=False) as fc:
-        minibatch.train_batched(fm, theta0, torch.ones(1, x.shape[0], dtype=dtype, device=dev), x, y, wd, one, 0)
+        minibatch.train_batched(fm, theta0, torch.ones(1, x.shape[0], dtype=dtype, device=dev), x, y, wd,
+                                replace(recipe, steps=1), 0)
     step_gflop = fc.get_total_flops() / 1e9
     mm, bf = matmul_gflops(dev, dtype), matmul_gflops(dev, torch.bfloat16)
     out = Throughput(setting.id, str(dev), setting.train.dtype, fm.n_params, recipe.steps, step_gflop, mm, bf)

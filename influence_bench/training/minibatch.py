@@ -34,6 +34,7 @@ from torch.func import grad, vmap
 
 from influence_bench import progress
 from influence_bench.curvature import products as curvature
+from influence_bench.curvature.closed_form import closed_form
 from influence_bench.models.flat import FlatModel
 
 OPTIMIZERS = ("sgd", "adam")
@@ -112,7 +113,7 @@ def train_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x:
     theta = (theta0.expand(B, -1) if theta0.dim() == 1 else theta0).clone()
     order = data_order(x.shape[0], recipe.batch_size, recipe.steps, seed).to(x.device)
     state = _State(recipe, theta)
-    fast = _closed_form(fm)
+    fast = closed_form(fm)  # one chain of matmuls for all models (~10x fewer launches than vmap's graphs)
     if fast is None:
         g = vmap(grad(_batch_objective, argnums=1), in_dims=(None, 0, None, None, 0, None, None))
     else:  # the batch's mean over batch_size rows is the closed form's mean over its n rows
@@ -130,15 +131,6 @@ def train_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x:
         if on_step is not None:
             on_step(t, theta)
     return theta
-
-
-def _closed_form(fm: FlatModel):
-    """The hand-written batched gradients of softmax-linear models and tanh MLPs (``curvature.linear``,
-    ``curvature.mlp``: one chain of matmuls for all models, ~10x fewer kernel launches than vmap's
-    per-model graph; the same gradients to rounding), or None for other models."""
-    from influence_bench.curvature import linear, mlp
-
-    return next((m for m in (linear, mlp) if m.applies(fm)), None)
 
 
 def train_sequential(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -15,9 +15,8 @@ from typing import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
-from influence_bench.curvature import linear as linear_fastpath
-from influence_bench.curvature import mlp as mlp_fastpath
 from influence_bench.curvature import products as curvature
+from influence_bench.curvature.closed_form import closed_form
 from influence_bench.models.flat import FlatModel
 
 
@@ -99,29 +98,23 @@ class NewtonResult:
 
 def weighted_objective(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Tensor:
     """``[B]`` objectives J(theta_b; w_b)."""
-    if linear_fastpath.applies(fm):
-        return linear_fastpath.objective(fm, thetas, weights, x, y, weight_decay)
-    if mlp_fastpath.applies(fm):
-        return mlp_fastpath.objective(fm, thetas, weights, x, y, weight_decay)
+    if (fast := closed_form(fm)) is not None:
+        return fast.objective(fm, thetas, weights, x, y, weight_decay)
     return vmap(lambda t, w: curvature.objective(fm, t, x, y, weight_decay, w))(thetas, weights)
 
 
 def weighted_grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Tensor:
     """``[B, P]`` gradients of J(theta_b; w_b), all models in one vectorised call."""
-    if linear_fastpath.applies(fm):
-        return linear_fastpath.grads(fm, thetas, weights, x, y, weight_decay)
-    if mlp_fastpath.applies(fm):
-        return mlp_fastpath.grads(fm, thetas, weights, x, y, weight_decay)
+    if (fast := closed_form(fm)) is not None:
+        return fast.grads(fm, thetas, weights, x, y, weight_decay)
     g = grad(lambda t, w: curvature.objective(fm, t, x, y, weight_decay, w))
     return vmap(g)(thetas, weights)
 
 
 def weighted_hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float) -> torch.Tensor:
     """``[B, P]`` Hessian-vector products of J(theta_b; w_b) with v_b (forward-over-reverse, vmapped)."""
-    if linear_fastpath.applies(fm):
-        return linear_fastpath.hvps(fm, thetas, weights, vs, x, y, weight_decay)
-    if mlp_fastpath.applies(fm):
-        return mlp_fastpath.hvps(fm, thetas, weights, vs, x, y, weight_decay)
+    if (fast := closed_form(fm)) is not None:
+        return fast.hvps(fm, thetas, weights, vs, x, y, weight_decay)
 
     def one(t, w, v):
         g = grad(lambda s: curvature.objective(fm, s, x, y, weight_decay, w))
