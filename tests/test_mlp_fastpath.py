@@ -11,7 +11,7 @@ from torch.func import grad, jvp, vmap
 
 from influence_bench.curvature import mlp as fast
 from influence_bench.curvature import products
-from influence_bench.models.flat import FlatModel, mlp
+from influence_bench.models.flat import FlatModel, LogisticRegression, mlp
 from influence_bench.training import newton, newton_explicit
 
 
@@ -74,3 +74,34 @@ def test_the_newton_engine_and_the_explicit_hessians_use_it():
 ])
 def test_applies_only_to_linear_tanh_chains(module, loss, takes):
     assert fast.applies(FlatModel(module.double(), loss)) is takes
+
+
+@pytest.mark.parametrize("model", ["mlp", "linear"])
+def test_an_hvp_operator_reused_over_directions_gives_each_fresh_product(model):
+    """CG builds one operator per Newton step and calls it every iteration: each call equals the
+    reference product for its own direction (nothing of one call leaks into the next), and
+    Newton-CG with the operator is bit for bit Newton-CG without it."""
+    from influence_bench.curvature import linear
+    if model == "mlp":
+        fm, x, y, thetas, weights, _ = _problem(2, 6, "cross_entropy", 12, 3, 1)
+    else:
+        fm, x, y, thetas, weights, _ = _problem(1, 3, "cross_entropy", 12, 3, 1)
+        fm = FlatModel(LogisticRegression(4, 3).double(), "cross_entropy")
+        thetas = torch.randn(3, fm.n_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        assert linear.applies(fm)
+    args = (x, y, 1e-3)
+    _, _, hvps = _reference(fm, x, y, 1e-3)
+    op = newton.weighted_hvp_operator(fm, thetas, weights, *args)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        v = torch.randn(thetas.shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(op(v), hvps(thetas, weights, v), rtol=1e-10, atol=1e-12)
+
+    theta0 = thetas[0]
+    precond = newton.Preconditioner.from_hessian(
+        newton_explicit.weighted_hessians(fm, theta0[None], weights[:1], *args)[0], 1e-3)
+    with_op = newton.training_objective(fm, *args)
+    without = newton.BatchedObjective(with_op.value, with_op.grads, with_op.hvps)
+    runs = [newton.newton_cg_batched(fm, theta0, weights, *args, precond, 5, 0.0, damping=1e-3,
+                                     objective=o, adaptive=True) for o in (with_op, without)]
+    assert torch.equal(runs[0].theta, runs[1].theta) and torch.equal(runs[0].steps, runs[1].steps)

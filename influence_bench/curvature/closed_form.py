@@ -1,6 +1,6 @@
-"""Which hand-written batched closed form a model has (``objective`` / ``grads`` / ``hvps`` over
-``[B, P]`` parameters and ``[B, n]`` weights, one chain of matmuls for all models): ``linear`` for
-softmax-linear models, ``mlp`` for tanh MLPs, None for the rest (vmap then)."""
+"""Which hand-written batched closed form a model has (``objective`` / ``grads`` / ``hvps`` /
+``hvp_operator`` over ``[B, P]`` parameters and ``[B, n]`` weights, one chain of matmuls for all
+models): ``linear`` for softmax-linear models, ``mlp`` for tanh MLPs, None for the rest (vmap then)."""
 
 from __future__ import annotations
 

@@ -60,8 +60,18 @@ def grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Te
 
 def hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float) -> torch.Tensor:
     """``H_b v_b`` with ``H_b = (1/n) sum_i w_bi J_i^T (diag(p) - p p^T) J_i + wd I`` (exact for a linear model)."""
+    return hvp_operator(fm, thetas, weights, x, y, weight_decay)(vs)
+
+
+def hvp_operator(fm: FlatModel, thetas, weights, x, y, weight_decay: float):
+    """``vs -> H_b v_b`` at fixed ``thetas`` / ``weights``: the probabilities are computed once."""
     p = torch.softmax(_logits(fm, thetas, x), -1)  # [B, n, C]
-    u = _logits(fm, vs, x)  # J_i v for every sample: [B, n, C]
-    a = p * (u - (p * u).sum(-1, keepdim=True))  # (diag(p) - p p^T) u
-    a = a * (weights / x.shape[0])[:, :, None]
-    return _flat(_xt_r(a, x), a.sum(1)) + weight_decay * vs
+    scale = (weights / x.shape[0])[:, :, None]
+
+    def apply(vs: torch.Tensor) -> torch.Tensor:
+        u = _logits(fm, vs, x)  # J_i v for every sample: [B, n, C]
+        a = p * (u - (p * u).sum(-1, keepdim=True))  # (diag(p) - p p^T) u
+        a = a * scale
+        return _flat(_xt_r(a, x), a.sum(1)) + weight_decay * vs
+
+    return apply

@@ -104,35 +104,56 @@ def grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) -> torch.Te
 
 def hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float) -> torch.Tensor:
     """``[B, P]`` exact Hessian-vector products ``H_b v_b`` (Pearlmutter's R-operator)."""
-    layers, dirs = _layers(fm, thetas), _layers(fm, vs)
+    return hvp_operator(fm, thetas, weights, x, y, weight_decay)(vs)
+
+
+def hvp_operator(fm: FlatModel, thetas, weights, x, y, weight_decay: float):
+    """``vs [B, P] -> H_b v_b`` at fixed ``thetas`` / ``weights``: the forward pass, the loss
+    derivative and the backpropagated ``d`` of every layer do not depend on ``v``, so they are
+    computed once here, and each call (a CG iteration) runs only the R-passes. The same operations
+    on the same values as computing everything per call, so the same numbers bit for bit."""
+    layers = _layers(fm, thetas)
     acts, out = _forward(layers, x)
     scale = weights / x.shape[0]
     e, p = _dloss(fm.loss, out, y, scale)
-    # R-forward: Ra_l (directional derivative of each layer's input), Rz of the output
-    Racts, Ra = [None], None
-    for i, ((W, _), (V, c)) in enumerate(zip(layers, dirs)):
-        Rz = _linear(acts[i], V, c) + (0 if Ra is None else _linear(Ra, W, None))
-        if i == len(layers) - 1:
-            break
-        Ra = (1 - acts[i + 1] ** 2) * Rz
-        Racts.append(Ra)
-    if p is not None:  # R of (p - onehot) * s: s (diag(p) - p p^T) Rz
-        Re = (p * Rz - p * (p * Rz).sum(-1, keepdim=True)) * scale[:, :, None]
-    else:
-        Re = Rz * scale[:, :, None]
-    # R-backward
-    out_grads, d, Rd = [], e, Re
-    for i in range(len(layers) - 1, -1, -1):
-        W, _ = layers[i]
-        V, _ = dirs[i]
-        a, Ra = acts[i], Racts[i]
-        RgW = torch.matmul(Rd.transpose(1, 2), a)
-        if Ra is not None:
-            RgW = RgW + d.transpose(1, 2) @ Ra
-        out_grads.append((RgW, Rd.sum(1)))
-        if i:
-            da = d @ W
-            Rda = Rd @ W + d @ V
-            s = 1 - a ** 2  # tanh' of the previous layer, a = tanh(z)
-            Rd, d = Rda * s - 2 * da * a * Ra, da * s
-    return _flat(out_grads[::-1]) + weight_decay * vs
+    slopes = [None] + [1 - a ** 2 for a in acts[1:]]  # tanh' of each hidden layer, a = tanh(z)
+    # the plain backward pass, per layer i > 0: d at layer i's output, da = d W_i, 2 da a_i (for R)
+    back, d = {}, e
+    for i in range(len(layers) - 1, 0, -1):
+        da = d @ layers[i][0]
+        back[i] = (d, da, 2 * da * acts[i])
+        d = da * slopes[i]
+    first_d = d
+
+    def apply(vs: torch.Tensor) -> torch.Tensor:
+        dirs = _layers(fm, vs)
+        # R-forward: Ra_l (directional derivative of each layer's input), Rz of the output
+        Racts, Ra = [None], None
+        for i, ((W, _), (V, c)) in enumerate(zip(layers, dirs)):
+            Rz = _linear(acts[i], V, c) + (0 if Ra is None else _linear(Ra, W, None))
+            if i == len(layers) - 1:
+                break
+            Ra = slopes[i + 1] * Rz
+            Racts.append(Ra)
+        if p is not None:  # R of (p - onehot) * s: s (diag(p) - p p^T) Rz
+            Re = (p * Rz - p * (p * Rz).sum(-1, keepdim=True)) * scale[:, :, None]
+        else:
+            Re = Rz * scale[:, :, None]
+        # R-backward
+        out_grads, Rd = [], Re
+        for i in range(len(layers) - 1, -1, -1):
+            W, _ = layers[i]
+            V, _ = dirs[i]
+            d = back[i][0] if i else first_d
+            a, Ra = acts[i], Racts[i]
+            RgW = torch.matmul(Rd.transpose(1, 2), a)
+            if Ra is not None:
+                RgW = RgW + d.transpose(1, 2) @ Ra
+            out_grads.append((RgW, Rd.sum(1)))
+            if i:
+                _, da, two_da_a = back[i]
+                Rda = Rd @ W + d @ V
+                Rd = Rda * slopes[i] - two_da_a * Ra
+        return _flat(out_grads[::-1]) + weight_decay * vs
+
+    return apply

@@ -82,10 +82,20 @@ class Downdated:
         return cls(base, U, Z, torch.where(ok[:, None, None], inv, torch.zeros_like(inv)))
 
     def solve_rows(self, R: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        y = self.base.solve(R)
-        t = torch.einsum("kpr,kp->kr", self.U[idx], y)
-        t = torch.einsum("krs,ks->kr", self.Minv[idx], t)
-        return y + torch.einsum("kpr,kr->kp", self.Z[idx], t)
+        return self.rows(idx)(R)
+
+    def rows(self, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The solver of models ``idx`` (rows of R in that order), their factors gathered once (a
+        CG iteration then gathers nothing)."""
+        U, Minv, Z = self.U[idx], self.Minv[idx], self.Z[idx]
+
+        def solve(R: torch.Tensor) -> torch.Tensor:
+            y = self.base.solve(R)
+            t = torch.einsum("kpr,kp->kr", U, y)
+            t = torch.einsum("krs,ks->kr", Minv, t)
+            return y + torch.einsum("kpr,kr->kp", Z, t)
+
+        return solve
 
 
 @dataclass
@@ -113,32 +123,47 @@ def weighted_grads(fm: FlatModel, thetas, weights, x, y, weight_decay: float) ->
 
 def weighted_hvps(fm: FlatModel, thetas, weights, vs, x, y, weight_decay: float) -> torch.Tensor:
     """``[B, P]`` Hessian-vector products of J(theta_b; w_b) with v_b (forward-over-reverse, vmapped)."""
+    return weighted_hvp_operator(fm, thetas, weights, x, y, weight_decay)(vs)
+
+
+def weighted_hvp_operator(fm: FlatModel, thetas, weights, x, y, weight_decay: float):
+    """``vs [B, P] -> weighted_hvps(..., vs, ...)`` at fixed ``thetas`` / ``weights``; the closed
+    forms compute what does not depend on ``v`` (forward pass, loss derivatives) once."""
     if (fast := closed_form(fm)) is not None:
-        return fast.hvps(fm, thetas, weights, vs, x, y, weight_decay)
+        return fast.hvp_operator(fm, thetas, weights, x, y, weight_decay)
 
     def one(t, w, v):
         g = grad(lambda s: curvature.objective(fm, s, x, y, weight_decay, w))
         return jvp(g, (t,), (v,))[1]
 
-    return vmap(one)(thetas, weights, vs)
+    return lambda vs: vmap(one)(thetas, weights, vs)
 
 
 @dataclass(frozen=True)
 class BatchedObjective:
     """Per-model objectives for ``newton_cg_batched``: ``value(thetas, weights)`` -> [B],
     ``grads(thetas, weights)`` -> [B, P], ``hvps(thetas, weights, vs)`` -> [B, P] (row b: model b's
-    own objective, parameters and weights)."""
+    own objective, parameters and weights); optionally ``hvp_operator(thetas, weights)`` -> the
+    function ``vs -> hvps(thetas, weights, vs)`` with its ``v``-free work done once (CG calls it
+    once per Newton step instead of redoing that work every iteration)."""
 
     value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     grads: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     hvps: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    hvp_operator: Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
+
+    def operator(self, thetas: torch.Tensor, weights: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.hvp_operator is not None:
+            return self.hvp_operator(thetas, weights)
+        return lambda vs: self.hvps(thetas, weights, vs)
 
 
 def training_objective(fm: FlatModel, x, y, weight_decay: float) -> BatchedObjective:
     """The weighted training objective J(theta; w) (the default of ``newton_cg_batched``)."""
     return BatchedObjective(lambda t, w: weighted_objective(fm, t, w, x, y, weight_decay),
                             lambda t, w: weighted_grads(fm, t, w, x, y, weight_decay),
-                            lambda t, w, v: weighted_hvps(fm, t, w, v, x, y, weight_decay))
+                            lambda t, w, v: weighted_hvps(fm, t, w, v, x, y, weight_decay),
+                            lambda t, w: weighted_hvp_operator(fm, t, w, x, y, weight_decay))
 
 
 def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor, x, y,
@@ -189,9 +214,9 @@ def newton_cg_batched(fm: FlatModel, theta0: torch.Tensor, weights: torch.Tensor
         idx, g = idx[~done], g[~done]
         # inexact Newton (Eisenstat-Walker forcing): loose solves far from the optimum, tight near it
         rtol = torch.clamp(g.norm(dim=1).sqrt(), max=0.1).clamp_min(cg_rtol)
-        solve = precond.solve if per_model is None else (lambda r, idx=idx: per_model.solve_rows(r, idx))
-        d = lam[idx, None]
-        s = _pcg(lambda v: obj.hvps(theta[idx], weights[idx], v) + d * v, g, solve, cg_iters, rtol)
+        solve = precond.solve if per_model is None else per_model.rows(idx)
+        d, hvp = lam[idx, None], obj.operator(theta[idx], weights[idx])
+        s = _pcg(lambda v: hvp(v) + d * v, g, solve, cg_iters, rtol)
         if adaptive:
             t, lam[idx], nu[idx] = _lm_step(obj.value, theta[idx], weights[idx], s, g, lam[idx], nu[idx])
         else:
