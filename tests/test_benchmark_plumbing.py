@@ -11,8 +11,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def _pytest(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    # a user's own session, also when this test runs in a pytest-xdist worker: pytest-benchmark takes
+    # an inherited PYTEST_XDIST_WORKER for xdist and disables benchmarks
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-q",
                            "--results-dir", str(cwd / "results"), "--rootdir", str(ROOT)],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
