@@ -165,7 +165,7 @@ def share_cores_among_workers(config: pytest.Config) -> int | None:
 
     N workers that each start C intra-op threads put N x C busy threads on C cores: measured on 2
     cores, README's test command under ``-n 2`` took 24 min 49 s that way against 20 min serial,
-    and 12 min 54 s with one thread per worker. The worker's torch and the processes it starts (their
+    and 12 min 35 s with the share. The worker's torch and the processes it starts (their
     ``OMP_NUM_THREADS``) get the share. A user's own ``OMP_NUM_THREADS`` is left alone, and so is a
     session that is not an xdist worker. Returns the threads set, or None."""
     workerinput = getattr(config, "workerinput", None)
