@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from influence_bench import paths, tally
 from influence_bench.api.loading import get_context
@@ -149,6 +151,19 @@ def test_replicate_noise_is_the_largest_replicate_disagreement():
     assert replicate_noise([a], np.array([0]), cols) is None
 
 
+@given(st.lists(st.integers(0, 10_000), unique=True, max_size=12), st.integers(1, 5))
+def test_the_sample_is_shared_out_among_the_replicates(ids, replicates):
+    ids = np.sort(np.array(ids, dtype=np.int64))
+    shares = [shipped.share(ids, r, replicates) for r in range(replicates)]
+    assert all(set(s) <= set(ids) for s in shares)
+    if replicates == 1 or len(ids) == 0:
+        assert all(np.array_equal(s, ids) for s in shares)
+    elif len(ids) >= replicates:  # a partition of the sample, no replicate without an entry
+        assert sorted(np.concatenate(shares).tolist()) == ids.tolist() and all(len(s) >= 1 for s in shares)
+    else:  # fewer entries than replicates: one each, every entry recomputed
+        assert all(len(s) == 1 for s in shares) and set(np.concatenate(shares)) == set(ids)
+
+
 def test_stochastic_check_tolerates_rounding_and_fails_a_changed_entry(tmp_path, monkeypatch):
     setting = _sgd_setting()
     out = tmp_path / "shipped"
@@ -159,7 +174,7 @@ def test_stochastic_check_tolerates_rounding_and_fails_a_changed_entry(tmp_path,
     assert ctx.theta_source in ("shipped", "cache", "trained")
     ok, lines = shipped.check(ctx, out, sample=4, seed=1)
     assert ok, "\n".join(lines)
-    tol_lines = [ln for ln in lines if "recomputed 4" in ln]
+    tol_lines = [ln for ln in lines if "recomputed 2" in ln]  # the sample of 4 shared by the 2 replicates
     assert len(tol_lines) == 2 and all(f"= {NOISE_FRACTION:g} x the replicates' disagreement" in ln
                                        for ln in tol_lines)
     # a change of the retraining code moves entries by about the replicates' disagreement: fails

@@ -99,7 +99,8 @@ def add_parser(gsub, common) -> None:
     s.add_argument("--chunk", type=int, default=32, help="models per chunk")
     s.add_argument("--check", action="store_true",
                    help="verify what is shipped (theta* and ground truth) and recompute --sample entries from the "
-                        "shipped theta*")
+                        "shipped theta* (a stochastic recipe's replicates share them out, each recomputing at "
+                        "least one)")
     s.add_argument("--sample", type=int, default=3, metavar="K")
     s.add_argument("--tol", type=float, default=None,
                    help="max deviation relative to max |delta| (default 1e-6; for stochastic minibatch recipes "

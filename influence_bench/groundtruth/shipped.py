@@ -80,9 +80,10 @@ def check(ctx: Context, root: Path, sample: int = 3, tol: float | None = None, s
           compare_training: bool = False) -> tuple[bool, list[str]]:
     """Is the shipped loo ground truth of ``ctx`` usable as is? ``ctx`` must hold the shipped theta*
     (the model the ground truth was computed from). For every replicate key: every shard verifies,
-    it lies under the current key, holds ``ctx.test_idx``, and ``sample`` recomputed entries match
-    within ``tol`` (max deviation relative to max |delta|; default ``default_tol``: 1e-6 for
-    deterministic recipes, a fraction of the replicates' own disagreement for stochastic ones).
+    it lies under the current key, holds ``ctx.test_idx``, and its share (``share``) of ``sample``
+    recomputed entries matches within ``tol`` (max deviation relative to max |delta|; default
+    ``default_tol``: 1e-6 for deterministic recipes, a fraction of the replicates' own disagreement
+    on the whole sample for stochastic ones).
     ``compare_training`` also trains theta* here and reports, without failing, how far it lies
     from the shipped one. Returns (ok, report lines)."""
     keys, sid = replicate_keys(ctx, "loo"), ctx.setting.id
@@ -108,12 +109,26 @@ def check(ctx: Context, root: Path, sample: int = 3, tol: float | None = None, s
         ids = np.sort(rng.choice(pool, size=min(sample, len(pool)), replace=False))
         noise = replicate_noise(loaded, ids, ctx.test_idx)
         for r, entries in enumerate(loaded):
-            good, line = _recompute(ctx, entries, ids, r, default_tol(ctx, noise) if tol is None else tol, noise)
+            good, line = _recompute(ctx, entries, share(ids, r, len(loaded)), r,
+                                    default_tol(ctx, noise) if tol is None else tol, noise)
             ok = ok and good
             lines.append(line)
     if compare_training:
         lines.append(training_drift(ctx))
     return ok, lines
+
+
+def share(ids: np.ndarray, replicate: int, replicates: int) -> np.ndarray:
+    """The sampled entries replicate ``replicate`` of ``replicates`` recomputes: every
+    ``replicates``-th one from its own index on, or one of them (round robin) when the sample is
+    smaller than the replicates. Each replicate (its own data order and control model) is checked,
+    on other entries than the others; one replicate recomputes the whole sample. Recomputing
+    ``k`` entries of a replicate retrains ``k + 1`` models (its control too)."""
+    if len(ids) == 0 or replicates <= 1:
+        return ids
+    if len(ids) < replicates:
+        return ids[[replicate % len(ids)]]
+    return ids[replicate::replicates]
 
 
 # Newton-CG retraining converges to its tolerance: recomputed entries must match to 1e-6.

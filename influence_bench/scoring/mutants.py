@@ -124,14 +124,20 @@ class Outcome:
 
 
 def run_mutants(names_: list[str], settings: list[Setting], device: str = "cpu",
-                thresholds: Thresholds | None = None, progress=None) -> list[Outcome]:
+                thresholds: Thresholds | None = None, progress=None,
+                contexts: dict[str, Context] | None = None) -> list[Outcome]:
     """Score each mutant on ``settings`` and judge it as any estimator is judged. The mutants of
-    one setting share one context, so exact's Hessian and gradients are formed once per setting."""
+    one setting share one context, so exact's Hessian and gradients are formed once per setting.
+    ``contexts`` (setting id -> context) carries those shared contexts from one call to the next:
+    a caller that runs the mutants one call at a time (a test per mutant) still forms them once."""
     thresholds = thresholds or Thresholds.load()
+    contexts = {} if contexts is None else contexts
     ests = [create(n) for n in names_]
     cases: dict[str, list[Case]] = {e.name: [] for e in ests}
     for s in settings:
-        shared = get_context(s, device).fresh()
+        if s.id not in contexts:
+            contexts[s.id] = get_context(s, device).fresh()
+        shared = contexts[s.id]
         for e in ests:
             cases[e.name] += evaluate_context(e, shared, fresh=False)
             if progress:
