@@ -131,6 +131,24 @@ def test_explicit_ggn_and_products_match_per_sample_jacobians(depth, width, n_in
                                rtol=1e-9, atol=1e-12)
 
 
+@settings(max_examples=20, **SLOW)
+@given(n_in=st.integers(1, 9), n_out=st.integers(2, 5), n=st.integers(1, 12), wd=st.sampled_from([0.0, 1e-3]),
+       parts=st.integers(1, 11), seed=st.integers(0, 2**16))
+def test_softmax_closed_form_hessian_by_sub_blocks_is_the_generic_one_and_symmetric(n_in, n_out, n, wd, parts, seed):
+    """The closed form forms each symmetric block from its sub-blocks on and above the diagonal
+    (``parts`` of them per side, more than a block has columns included) and mirrors the rest."""
+    g = torch.Generator().manual_seed(seed)
+    fm = FlatModel(LogisticRegression(n_in, n_out).to(torch.float64), loss="cross_entropy")
+    theta = torch.randn(fm.n_params, generator=g, dtype=torch.float64)
+    x = torch.randn(n, n_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_out, (n,), generator=g)
+    H = curvature._softmax_linear_hessian(fm, theta, x, wd, parts=parts)
+    eye = torch.eye(fm.n_params, dtype=torch.float64)
+    generic = torch.stack([curvature.hvp(fm, theta, x, y, wd, v) for v in eye])
+    torch.testing.assert_close(H, generic, rtol=1e-9, atol=1e-12)
+    assert torch.equal(H, H.T)
+
+
 def test_replicated_operator_matches_one_replica_at_a_time():
     """LiSSA's form: r parameter copies with r different batches, one graph, one batched backward."""
     ctx = ctx_of(MLP)

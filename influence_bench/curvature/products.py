@@ -61,31 +61,54 @@ def hessian(fm: FlatModel, theta, x, y, weight_decay: float, chunk_size: int = 2
     return 0.5 * (H + H.T)
 
 
-def _softmax_linear_hessian(fm: FlatModel, theta, x, weight_decay: float) -> torch.Tensor:
+def _softmax_linear_hessian(fm: FlatModel, theta, x, weight_decay: float, parts: int | None = None) -> torch.Tensor:
     """Closed form for logits = W x + b: H = (1/n) sum_i (diag(p_i) - p_i p_i^T) kron [x_i;1][x_i;1]^T.
 
     Same numbers as the generic HVP route (a unit test checks), ~20x faster on MNIST. The flat
-    layout is (W row-major [C, D], then b [C]).
+    layout is (W row-major [C, D], then b [C]). H is symmetric and so is each of its C x C blocks
+    ``(c, d) = xt^T diag(a_cd) xt`` (``xt = [x, 1]``, ``a_cd = p_c (1[c = d] - p_d) / n``). So only the
+    blocks with c <= d are formed, and of each only the ``parts`` x ``parts`` sub-blocks on and above
+    its diagonal: (parts + 1) / (2 parts) of the products (5/8 at MNIST's 4 parts; narrower products
+    run slower, so it measured 1.4x faster than whole blocks, not 1.6x). Each block is mirrored, so
+    H is exactly symmetric, and written straight into the flat layout (no permuted copies of H).
     """
     n, D = x.shape
+    E = D + 1
+    parts = max(1, min(4, E // 128)) if parts is None else max(1, min(int(parts), E))
+    bounds = [round(k * E / parts) for k in range(parts + 1)]
+    cuts = [slice(bounds[k], bounds[k + 1]) for k in range(parts)]
     with torch.no_grad():
         p = torch.softmax(fm(theta, x), dim=1)  # [n, C]
         C = p.shape[1]
         xt = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], dim=1)  # [n, D+1]
-        blocks = torch.empty(C, C, D + 1, D + 1, dtype=x.dtype, device=x.device)
+        H = torch.empty(C * E, C * E, dtype=x.dtype, device=x.device)
+        blk = torch.empty(E, E, dtype=x.dtype, device=x.device)
+        ax = torch.empty_like(xt)
         for c in range(C):
             for d in range(c, C):
-                a = (p[:, c] * (float(c == d) - p[:, d])) / n
-                blk = xt.T @ (a[:, None] * xt)
-                blocks[c, d] = blk
-                blocks[d, c] = blk
-        # reorder (c, a, d, b) with a over [W_c (D), b_c (1)] into the flat layout [W (C*D), b (C)]
-        H_ext = blocks.permute(0, 2, 1, 3).reshape(C * (D + 1), C * (D + 1))
-        order = torch.cat([(torch.arange(C)[:, None] * (D + 1) + torch.arange(D)[None, :]).reshape(-1),
-                           torch.arange(C) * (D + 1) + D]).to(x.device)
-        H = H_ext[order][:, order]
+                torch.mul(((p[:, c] * (float(c == d) - p[:, d])) / n)[:, None], xt, out=ax)
+                for i, rows in enumerate(cuts):
+                    for cols in cuts[i:]:
+                        S = xt[:, rows].T @ ax[:, cols]
+                        if cols is rows:  # a diagonal sub-block: its upper triangle, mirrored
+                            S = S.triu() + S.triu(1).T
+                        else:
+                            blk[cols, rows] = S.T
+                        blk[rows, cols] = S
+                _put_block(H, blk, c, d, C, D)
+                if d != c:
+                    _put_block(H, blk, d, c, C, D)
         H.diagonal().add_(weight_decay)
     return H
+
+
+def _put_block(H: torch.Tensor, blk: torch.Tensor, c: int, d: int, C: int, D: int) -> None:
+    """Block ``(c, d)`` ([D+1, D+1], over ``[W_c, b_c] x [W_d, b_d]``) into the flat layout [W (C*D), b (C)]."""
+    rows, cols = slice(c * D, (c + 1) * D), slice(d * D, (d + 1) * D)
+    H[rows, cols] = blk[:D, :D]
+    H[rows, C * D + d] = blk[:D, D]
+    H[C * D + c, cols] = blk[D, :D]
+    H[C * D + c, C * D + d] = blk[D, D]
 
 
 def solve_rows(M: torch.Tensor, rows: torch.Tensor, semidefinite: bool = False) -> tuple[torch.Tensor, str]:
