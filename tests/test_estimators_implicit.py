@@ -165,6 +165,26 @@ def test_replicated_operator_matches_one_replica_at_a_time():
         torch.testing.assert_close(op(V), ref, rtol=1e-10, atol=1e-13)
 
 
+@settings(max_examples=20, **SLOW)
+@given(n_in=st.integers(1, 6), n_out=st.integers(2, 4), m=st.integers(1, 9), r=st.integers(0, 3),
+       k=st.integers(1, 4), wd=st.sampled_from([0.0, 1e-3]), kind=st.sampled_from(["hessian", "ggn"]),
+       seed=st.integers(0, 2**16))
+def test_softmax_closed_form_products_are_the_double_backwards(n_in, n_out, m, r, k, wd, kind, seed):
+    """Logistic regression's operator skips autograd (two products with the data per block); the
+    graph it replaces gives the same products, in the plain form (``r = 0``) and the replicated one."""
+    g = torch.Generator().manual_seed(seed)
+    fm = FlatModel(LogisticRegression(n_in, n_out).to(torch.float64), loss="cross_entropy")
+    lead = (r,) if r else ()
+    theta = torch.randn(*lead, fm.n_params, generator=g, dtype=torch.float64)
+    x = torch.randn(*lead, m, n_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_out, (*lead, m), generator=g)
+    V = torch.randn(*lead, k, fm.n_params, generator=g, dtype=torch.float64)
+    fast = curvature.CurvatureOperator(fm, theta, x, y, wd, kind)
+    slow = curvature.CurvatureOperator(fm, theta, x, y, wd, kind, closed_form=False)
+    assert fast._closed is not None and slow._closed is None
+    torch.testing.assert_close(fast(V), slow(V), rtol=1e-10, atol=1e-13)
+
+
 def test_exact_ggn_refuses_large_models():
     with pytest.raises(EstimatorUnsupported, match=r"15 parameters exceed max_params=10.*cg"):
         run("exact-ggn", ctx_of(LOGREG), max_params=10)
