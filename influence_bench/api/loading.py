@@ -3,7 +3,9 @@ trained here), and the test points it is evaluated on."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -29,23 +31,64 @@ def select_test_points(test_losses: torch.Tensor, n_random: int, seed: int) -> n
     return np.array(chosen + sorted(int(i) for i in extra), dtype=np.int64)
 
 
+#: Contexts kept per process, least recently used dropped first once their tensors (data, theta*,
+#: what their setting-scoped cache holds) pass this many bytes; the newest is always kept. The
+#: smoke tier's 13 settings fit (119 MB). pytest parametrises the fidelity cases estimator by
+#: estimator, so every test moves on to another setting: with the 4 kept before, each CIFAR-10
+#: context was rebuilt for every estimator (the whole cifar10.npz read again: 3.8-4.8 s each).
+CONTEXT_BYTES = 2 * 2 ** 30
+_CONTEXTS: OrderedDict[tuple, Context] = OrderedDict()
+_LOCK = threading.Lock()
+
+
 def get_context(setting: Setting, device: str = "cpu") -> Context:
     """Load the setting's data, train (or load) theta*, choose test points. Cached per process, per
-    cache folder and shipped root: a context built while the shipped layer was off (a unit test) holds
-    a theta* trained here, and is not what a later run with the shipped layer on should score."""
+    cache folder and shipped root (``CONTEXT_BYTES``): a context built while the shipped layer was off
+    (a unit test) holds a theta* trained here, and is not what a later run with the shipped layer on
+    should score."""
     shipped = paths.shipped_gt_dir()
-    return _get_context(setting, device, str(paths.cache_dir()), None if shipped is None else str(shipped))
+    key = (setting, device, str(paths.cache_dir()), None if shipped is None else str(shipped))
+    with _LOCK:
+        ctx = _CONTEXTS.get(key)
+        if ctx is not None:
+            _CONTEXTS.move_to_end(key)
+    if ctx is None:
+        ctx = build_context(setting, data_mod.load(setting.data), device)
+        with _LOCK:
+            ctx = _CONTEXTS.setdefault(key, ctx)  # another thread's, if it was first
+            _CONTEXTS.move_to_end(key)
+    with _LOCK:
+        while len(_CONTEXTS) > 1 and sum(map(_nbytes, _CONTEXTS.values())) > CONTEXT_BYTES:
+            _CONTEXTS.popitem(last=False)
+    return ctx
 
 
 def forget_contexts() -> None:
     """Drop every cached context (one was edited in place by an estimator: ``scoring.isolation``);
     the next ``get_context`` rebuilds from the model cache."""
-    _get_context.cache_clear()
+    with _LOCK:
+        _CONTEXTS.clear()
 
 
-@functools.lru_cache(maxsize=4)
-def _get_context(setting: Setting, device: str, cache: str, shipped: str | None) -> Context:
-    return build_context(setting, data_mod.load(setting.data), device)
+def _nbytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensors and arrays that ``obj`` holds (through containers, dataclasses and a
+    context's cache), each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen:
+            return 0
+        seen.add(ptr)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_nbytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return 0
 
 
 def build_context(setting: Setting, ds: Dataset, device: str = "cpu", use_cache: bool = True) -> Context:
