@@ -36,15 +36,18 @@ def _unit_scale(a: np.ndarray) -> np.ndarray:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise Pearson correlation of ``[..., m]`` arrays; NaN where a row is constant."""
+    """Row-wise Pearson correlation of ``[..., m]`` arrays; NaN where a row is constant (tested by
+    its values, not its centred ones: the mean of equal values can round off them, e.g. of three times
+    0.1, and would leave rounding noise to correlate)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
     xc = _unit_scale(x - x.mean(-1, keepdims=True))
     yc = _unit_scale(y - y.mean(-1, keepdims=True))
     den = np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (xc * yc).sum(-1) / den
-    r = np.where(den > 0, r, np.nan)
+    r = np.where((den > 0) & ~constant, r, np.nan)
     return np.clip(r, -1.0, 1.0)
 
 
