@@ -1,5 +1,6 @@
-"""The per-process cache of contexts (``loading.get_context``): one build per setting while the
-tensors fit ``CONTEXT_BYTES``, least recently used dropped first beyond it, the newest always kept."""
+"""The per-process caches of ``loading.get_context``: contexts (one build per setting while the
+tensors fit ``CONTEXT_BYTES``, least recently used dropped first beyond it, the newest always kept)
+and the datasets read from ``.npz`` files (one read per data spec and file)."""
 
 from dataclasses import dataclass, field
 
@@ -72,3 +73,26 @@ def test_bytes_count_each_storage_once():
     t = torch.zeros(1000, dtype=torch.float64)
     ctx = FakeContext(t, {"view": t[10:], "pair": (t, torch.zeros(10)), "array": t.numpy()[:0]})
     assert loading._nbytes(ctx) == 8000 + 40
+
+
+def test_a_dataset_is_read_once_per_spec_and_file_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    """The MNIST CNN settings with and without weight decay share their data spec: one read. A new
+    file (or forget_contexts) reads it again; without an .npz every load reads."""
+    reads = []
+    monkeypatch.setattr(loading.data_mod, "load", lambda spec: reads.append(spec.name) or object())
+    monkeypatch.setenv("INFLUENCE_BENCH_DATA", str(tmp_path))
+    loading.forget_contexts()
+    a, b = (catalog.get_setting(s).data for s in ("mnist5k-cnn-wd0", "mnist5k-cnn-wd1e-3"))
+    assert a == b
+    (tmp_path / "mnist.npz").write_bytes(b"one")
+    first = loading._load_data(a)
+    assert loading._load_data(b) is first and reads == ["mnist"]
+    (tmp_path / "mnist.npz").write_bytes(b"other")  # another size: another file
+    assert loading._load_data(a) is not first and reads == ["mnist"] * 2
+    loading.forget_contexts()
+    loading._load_data(a)
+    assert reads == ["mnist"] * 3
+    (tmp_path / "mnist.npz").unlink()
+    loading._load_data(a), loading._load_data(a)
+    assert reads == ["mnist"] * 5
+    loading.forget_contexts()
