@@ -41,6 +41,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     0.1, and would leave rounding noise to correlate)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    if x.shape[-1] == 0:  # nothing to correlate (every removal left out)
+        return np.full(np.broadcast_shapes(x.shape, y.shape)[:-1], np.nan)
     constant = (np.ptp(x, axis=-1) == 0) | (np.ptp(y, axis=-1) == 0)
     xc = _unit_scale(x - x.mean(-1, keepdims=True))
     yc = _unit_scale(y - y.mean(-1, keepdims=True))

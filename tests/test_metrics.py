@@ -21,6 +21,13 @@ def pairs(draw):
     return x, y
 
 
+def test_correlations_over_no_removals_are_undefined_not_an_error():
+    """Every removal of a test point left out (none converged): NaN, as for a constant row."""
+    for f in (metrics.pearson, metrics.spearman):
+        r = f(np.zeros((3, 0)), np.zeros((3, 0)))
+        assert r.shape == (3,) and np.isnan(r).all()
+
+
 @settings(max_examples=200, deadline=None)
 @given(pairs())
 @example((np.array([[0.0, 0.0, 1.0]]), np.full((1, 3), 0.1)))  # a constant whose mean rounds off it
